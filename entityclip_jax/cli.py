@@ -13,43 +13,47 @@ from entityclip_jax.errors import EntityClipError
 
 # name -> (module, one-line help). Add a stage by adding a row here.
 COMMANDS = {
-    "import-hf": ("entityclip_jax.convert.commands", "Hugging Face CLIPModel directory -> Flax params (msgpack)"),
-    "export-hf": ("entityclip_jax.convert.commands", "Flax params -> Hugging Face CLIPModel directory"),
-    "import-openai": ("entityclip_jax.convert.commands", "OpenAI/EntityCLIP-release state dict -> Flax params"),
+    "import-hf": ("entityclip_jax.convert.commands", "Hugging Face CLIPModel directory -> Flax towers directory"),
+    "export-hf": ("entityclip_jax.convert.commands", "towers/checkpoint -> Hugging Face CLIPModel directory (verified)"),
+    "import-openai": ("entityclip_jax.convert.commands", "OpenAI-layout state dict -> Flax towers directory"),
+    "explain": ("entityclip_jax.explain.commands", "entity queries -> LLM explanation cache (JSONL, resumable)"),
+    "explain-import": ("entityclip_jax.explain.commands", "EntityCLIP release CapDsc_*.json -> explanation cache"),
+    "tokenizer": ("entityclip_jax.data.commands", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
+    "check-source": ("entityclip_jax.data.commands", "read a raw dataset split; print counts and skipped records"),
+    "write-records": ("entityclip_jax.data.write_command", "raw dataset split (+ explanations) -> TFRecord shards"),
 }
 
 
-def _command_module(name):
-    return importlib.import_module(COMMANDS[name][0])
+def _function(module, prefix, name):
+    return getattr(module, f"{prefix}_{name.replace('-', '_')}", None) or getattr(module, prefix)
 
 
-def build_parser():
+def build_parser(command=None):
+    """The parser; only the chosen command's module is imported and configured."""
     parser = argparse.ArgumentParser(prog="entityclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module = _command_module(name)
-        configure = getattr(module, f"configure_{name.replace('-', '_')}", None) or module.configure
-        configure(sub_parser)
+        if name == command:
+            _function(importlib.import_module(module_name), "configure", name)(sub_parser)
     return parser
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    # Unknown --config.a.b=v overrides are passed through to config-driven commands.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    # Unknown --config.a.b=v overrides pass through to config-driven commands.
     args, extra = parser.parse_known_args(argv)
     args.overrides = extra
-    module = _command_module(args.command)
-    run = getattr(module, f"run_{args.command.replace('-', '_')}", None) or module.run
+    module = importlib.import_module(COMMANDS[args.command][0])
     if extra and not getattr(module, "ACCEPTS_OVERRIDES", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return run(args) or 0
+        return _function(module, "run", args.command)(args) or 0
     except EntityClipError as err:
         print(f"entityclip {args.command}: error: {err}", file=sys.stderr)
         return 2
-
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""CLI: `entityclip import-hf`, `export-hf`, `import-openai`."""
+import time
+
+
+def _progress(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def configure_import_hf(parser):
+    parser.add_argument("source", help="Hugging Face CLIPModel directory (config.json + weights)")
+    parser.add_argument("out", help="new towers directory (clip_config.json + Orbax params)")
+
+
+def run_import_hf(args):
+    from entityclip_jax.convert.hf import load_hf_checkpoint
+    from entityclip_jax.models.loading import save_towers
+    _progress(f"reading {args.source}")
+    config, params = load_hf_checkpoint(args.source)
+    _progress(f"converted {_count(params):,} parameters; writing {args.out}")
+    save_towers(params, config, args.out)
+    _progress(f"done: {args.out}")
+
+
+def configure_export_hf(parser):
+    parser.add_argument("checkpoint", help="towers directory, training workdir, HF directory or OpenAI file")
+    parser.add_argument("out", help="new Hugging Face CLIPModel directory")
+    parser.add_argument("--tokenizer-from", help="directory whose tokenizer/preprocessor files to copy")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip loading the export with transformers and comparing embeddings")
+
+
+def run_export_hf(args):
+    from entityclip_jax.convert.hf import save_hf_checkpoint
+    from entityclip_jax.models.loading import load_towers
+    _progress(f"reading {args.checkpoint}")
+    config, params = load_towers(args.checkpoint)
+    _progress(f"writing {_count(params):,} parameters to {args.out}")
+    save_hf_checkpoint(params, config, args.out, source_dir=args.tokenizer_from, overwrite=args.overwrite)
+    if not args.no_verify:
+        from entityclip_jax.convert.verify import compare_with_transformers
+        diff = compare_with_transformers(params, config, args.out)
+        _progress(f"verified with transformers: max |embedding difference| = {diff:.2e}")
+    _progress(f"done: {args.out}")
+
+
+def configure_import_openai(parser):
+    parser.add_argument("source", help="OpenAI-layout state dict (.pt/.pth/.safetensors)")
+    parser.add_argument("out", help="new towers directory")
+    parser.add_argument("--ignore-extra", action="store_true",
+                        help="drop keys outside the CLIP towers (e.g. EntityCLIP experts)")
+
+
+def run_import_openai(args):
+    from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
+    from entityclip_jax.models.loading import save_towers
+    _progress(f"reading {args.source}")
+    config, params = openai_to_flax(read_openai_checkpoint(args.source), source=args.source,
+                                    allow_extra=args.ignore_extra)
+    _progress(f"converted {_count(params):,} parameters; writing {args.out}")
+    save_towers(params, config, args.out)
+    _progress(f"done: {args.out}")
+
+
+def _count(params):
+    import jax
+    import numpy as np
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

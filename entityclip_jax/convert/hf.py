@@ -1,0 +1,139 @@
+"""Hugging Face CLIPModel directories <-> (CLIPConfig, Flax params).
+
+Reads config.json plus model.safetensors, sharded safetensors with an index,
+or pytorch_model.bin (loaded with weights_only=True, never arbitrary pickle).
+Writes a directory that transformers.CLIPModel.from_pretrained loads with no
+missing and no unexpected keys; writes go to a temporary directory that is
+renamed into place, so a failed export leaves nothing half-written.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from entityclip_jax.convert.layout import flax_to_state_dict, state_dict_to_flax
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.clip_config import CLIPConfig
+
+# Files a CLIP checkpoint may carry besides weights; copied on export.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
+
+
+def read_hf_config(directory):
+    path = os.path.join(directory, "config.json")
+    if not os.path.isdir(directory):
+        raise EntityClipError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory")
+    if not os.path.exists(path):
+        raise EntityClipError(f"{directory} has no config.json; it is not a Hugging Face checkpoint "
+                              "(save one with CLIPModel.save_pretrained)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise EntityClipError(f"{path} is not valid JSON: {err}") from None
+    return CLIPConfig.from_hf(data), data
+
+
+def read_state_dict(directory):
+    """All tensors of a checkpoint directory as {key: fp32 numpy array}."""
+    candidates = [("model.safetensors.index.json", _read_safetensors_index),
+                  ("model.safetensors", _read_safetensors),
+                  ("pytorch_model.bin.index.json", _read_torch_index),
+                  ("pytorch_model.bin", _read_torch_bin)]
+    for name, reader in candidates:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return reader(path), name
+    raise EntityClipError(f"{directory} has no weights: expected model.safetensors, "
+                          "model.safetensors.index.json or pytorch_model.bin")
+
+
+def _read_safetensors(path):
+    from safetensors.numpy import load_file
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise EntityClipError(f"cannot read {path}: {err}; the file is truncated or not safetensors "
+                              "(download it again)") from None
+    return {k: _to_fp32(v) for k, v in tensors.items()}
+
+
+def _read_torch_bin(path):
+    import torch
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EntityClipError(f"cannot read {path} with weights_only=True: {err}") from None
+    return {k: v.float().numpy() for k, v in tensors.items()}
+
+
+def _read_index(path, reader):
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for shard in shards:
+        shard_path = os.path.join(os.path.dirname(path), shard)
+        if not os.path.exists(shard_path):
+            raise EntityClipError(f"{path} names shard {shard}, which is missing")
+        out.update(reader(shard_path))
+    return out
+
+
+def _read_safetensors_index(path):
+    return _read_index(path, _read_safetensors)
+
+
+def _read_torch_index(path):
+    return _read_index(path, _read_torch_bin)
+
+
+def _to_fp32(array):
+    return np.asarray(array, dtype=np.float32)
+
+
+def expected_params(config):
+    """Parameter shapes of our CLIPModel for a config, without allocating them."""
+    from entityclip_jax.models.clip import init_params
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def load_hf_checkpoint(directory):
+    """A Hugging Face CLIPModel directory -> (CLIPConfig, Flax params as numpy fp32)."""
+    config, _ = read_hf_config(directory)
+    state_dict, weights_file = read_state_dict(directory)
+    params = state_dict_to_flax(state_dict, expected_params(config),
+                                source=os.path.join(directory, weights_file))
+    return config, params
+
+
+def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False):
+    """Write a CLIPModel directory (config.json + model.safetensors, fp32).
+
+    Tokenizer and preprocessor files are copied from source_dir when it has
+    them. The directory appears atomically: written beside, then renamed.
+    """
+    from safetensors.numpy import save_file
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        config.to_hf().save_pretrained(tmp)
+        save_file(flax_to_state_dict(params), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        for name in SIDE_FILES if source_dir else ():
+            if os.path.exists(os.path.join(source_dir, name)):
+                shutil.copy2(os.path.join(source_dir, name), tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
