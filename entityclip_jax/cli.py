@@ -21,6 +21,8 @@ COMMANDS = {
     "tokenizer": ("entityclip_jax.data.commands", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
     "check-source": ("entityclip_jax.data.commands", "read a raw dataset split; print counts and skipped records"),
     "write-records": ("entityclip_jax.data.write_command", "raw dataset split (+ explanations) -> TFRecord shards"),
+    "search-index": ("entityclip_jax.eval.search_command", "embed a folder of images or a TFRecord split into a search index"),
+    "search": ("entityclip_jax.eval.search_command", "text query -> top-k images from a search index (+ contact sheet)"),
 }
 
 

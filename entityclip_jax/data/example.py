@@ -29,9 +29,18 @@ class SkipReport:
 
     def __init__(self):
         self.items = []  # (record id or position, reason)
+        self.notes = []  # (record id, reason): kept records worth knowing about, e.g. empty_explanation
 
     def skip(self, record_id, reason):
         self.items.append((str(record_id), reason))
+
+    def note(self, record_id, reason):
+        """A record that was KEPT but handled specially; not a skip."""
+        self.notes.append((str(record_id), reason))
+
+    @property
+    def note_counts(self):
+        return collections.Counter(reason.split(":")[0] for _, reason in self.notes)
 
     @property
     def counts(self):
@@ -42,4 +51,6 @@ class SkipReport:
 
     def to_dict(self):
         return {"skipped": len(self.items), "by_reason": dict(self.counts),
-                "records": [{"id": i, "reason": r} for i, r in self.items]}
+                "records": [{"id": i, "reason": r} for i, r in self.items],
+                "noted": len(self.notes), "notes_by_reason": dict(self.note_counts),
+                "notes": [{"id": i, "reason": r} for i, r in self.notes]}
