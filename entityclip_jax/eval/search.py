@@ -1,0 +1,212 @@
+"""Text-to-image search: embed a collection of images once, then answer queries.
+
+The index is one .npz file:
+  embeds       [N, D] L2-normalised image embeddings, float16 (default) or float32
+  paths        [N] where each image lives (a file path, or the example id for records)
+  ids          [N] example ids
+  fingerprint  hash of the model parameters that made the embeddings
+  source       JSON: how the images were found ({"kind": "folder"|"records", ...})
+Queries must be embedded by the same model: query_index refuses a fingerprint
+that differs from the index's.
+"""
+import dataclasses
+import hashlib
+import json
+import pathlib
+import textwrap
+
+import numpy as np
+
+from entityclip_jax.errors import EntityClipError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")   # what tf.io.decode_image reads
+INDEX_DTYPES = ("float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchIndex:
+    embeds: np.ndarray        # [N, D]
+    paths: np.ndarray         # [N] str
+    ids: np.ndarray           # [N] str
+    fingerprint: str
+    source: dict
+
+
+def model_fingerprint(params):
+    """sha256 (16 hex digits) of every parameter's name, shape, dtype and bytes."""
+    import jax
+    digest = hashlib.sha256()
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_index(out_path, embeds, paths, *, ids=None, fingerprint="", source=None, dtype="float16"):
+    """Write the index file; embeddings are L2-normalised before storing. Returns its path."""
+    embeds = np.asarray(embeds, np.float32)
+    paths = np.asarray([str(p) for p in paths], dtype=str)
+    ids = paths if ids is None else np.asarray([str(i) for i in ids], dtype=str)
+    if embeds.ndim != 2 or len(embeds) == 0 or len(embeds) != len(paths) or len(ids) != len(paths):
+        raise EntityClipError(f"need one embedding per image and at least one image; got embeds {embeds.shape}, "
+                              f"{len(paths)} paths, {len(ids)} ids")
+    if dtype not in INDEX_DTYPES:
+        raise EntityClipError(f"index dtype must be one of {INDEX_DTYPES}, got {dtype!r}")
+    norms = np.linalg.norm(embeds, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms) & (norms > 0)):
+        raise EntityClipError("some image embeddings are zero, NaN or inf; check the model and the images")
+    out_path = pathlib.Path(out_path)
+    if out_path.suffix != ".npz":
+        raise EntityClipError(f"the index file name must end in .npz, got {out_path}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out_path, embeds=(embeds / norms).astype(dtype), paths=paths, ids=ids,
+             fingerprint=np.array(fingerprint), source=np.array(json.dumps(source or {})))
+    return out_path
+
+
+def load_index(path):
+    """SearchIndex from a file build_index wrote."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise EntityClipError(f"index {path} does not exist; build it with `entityclip search-index`")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return SearchIndex(embeds=data["embeds"], paths=data["paths"], ids=data["ids"],
+                               fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])))
+    except (KeyError, ValueError, OSError) as err:
+        raise EntityClipError(f"{path} is not a search index ({err}); rebuild it with `entityclip search-index`")
+
+
+def query_index(index, text_embeds, k=5, *, fingerprint=None):
+    """Top-k images per query: (paths [Q, k] str, scores [Q, k] cosine), best first.
+
+    text_embeds [Q, D] or [D]. Pass the query model's fingerprint to have a
+    mismatch with the index refused.
+    """
+    if fingerprint is not None and index.fingerprint and fingerprint != index.fingerprint:
+        raise EntityClipError(f"the index was built by model {index.fingerprint}, the queries come from model "
+                              f"{fingerprint}; rebuild the index with this checkpoint (`entityclip search-index`)")
+    queries = np.atleast_2d(np.asarray(text_embeds, np.float32))
+    if queries.ndim != 2 or queries.shape[1] != index.embeds.shape[1]:
+        raise EntityClipError(f"query embeddings {queries.shape} do not match the index width {index.embeds.shape[1]}")
+    queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    scores = queries @ index.embeds.astype(np.float32).T                     # [Q, N]
+    k = min(int(k), scores.shape[1])
+    if k < 1:
+        raise EntityClipError(f"k must be at least 1, got {k}")
+    # argpartition finds the k best without sorting all N; then order those k
+    # by score, ties by index order so results are reproducible.
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.lexsort((top, -top_scores), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    return index.paths[top], np.take_along_axis(scores, top, axis=1)
+
+
+def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=192, columns=5):
+    """A PNG grid of the hits: the query as title, rank and score under each thumbnail.
+
+    images: file paths, PIL images or uint8 [h, w, 3] arrays; an image that
+    cannot be opened is drawn as a grey tile saying so.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(images) == 0 or len(images) != len(scores):
+        raise EntityClipError(f"need one score per image and at least one image; got {len(images)} images "
+                              f"and {len(scores)} scores")
+    captions = captions or [pathlib.Path(str(i)).name if isinstance(i, (str, pathlib.Path)) else "" for i in images]
+    font, title_font = _font(13), _font(17)
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    pad, caption_h = 8, 36
+    title_lines = textwrap.wrap(f"query: {query}", width=max(30, columns * thumb_size // 9)) or [""]
+    title_h = 12 + 22 * len(title_lines)
+    width = pad + columns * (thumb_size + pad)
+    sheet = Image.new("RGB", (width, title_h + rows * (thumb_size + caption_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for line_no, line in enumerate(title_lines):
+        draw.text((pad, 6 + 22 * line_no), line, fill="black", font=title_font)
+    for n, (image, score, caption) in enumerate(zip(images, scores, captions)):
+        left = pad + (n % columns) * (thumb_size + pad)
+        top = title_h + (n // columns) * (thumb_size + caption_h + pad)
+        sheet.paste(_thumbnail(image, thumb_size), (left, top))
+        draw.text((left, top + thumb_size + 2), f"#{n + 1}  score {float(score):.3f}", fill="black", font=font)
+        draw.text((left, top + thumb_size + 18), _fit(caption, thumb_size // 7), fill="dimgray", font=font)
+    out_png = pathlib.Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_png, format="PNG")
+    return out_png
+
+
+def find_images(directory):
+    """Image files under directory (recursively), sorted, as absolute paths."""
+    directory = pathlib.Path(directory).expanduser()
+    if not directory.is_dir():
+        raise EntityClipError(f"{directory} is not a directory of images")
+    paths = sorted(str(p.resolve()) for p in directory.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise EntityClipError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
+    return paths
+
+
+def image_folder_batches(paths, image_size, batch_size):
+    """Eval-style batches {pixel_values, id (path), mask} with CLIP preprocessing.
+
+    Files that do not decode are skipped (the caller counts them: paths minus
+    encoded ids). The last batch is padded to batch_size with mask=False rows.
+    """
+    import tensorflow as tf
+
+    from entityclip_jax.data.preprocess import clip_preprocess
+
+    def load(path):
+        return path, clip_preprocess(tf.io.read_file(path), image_size)
+
+    dataset = (tf.data.Dataset.from_tensor_slices(list(paths))
+               .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .ignore_errors()
+               .batch(batch_size)
+               .prefetch(2))
+    for path, pixels in dataset.as_numpy_iterator():
+        real = len(path)
+        pad = batch_size - real
+        yield {
+            "pixel_values": np.pad(pixels, ((0, pad), (0, 0), (0, 0), (0, 0))),
+            "id": np.concatenate([path, np.full(pad, b"", object)]),
+            "mask": np.arange(batch_size) < real,
+        }
+
+
+def _thumbnail(image, size):
+    from PIL import Image, ImageDraw, ImageOps
+    try:
+        if isinstance(image, (str, pathlib.Path)):
+            with Image.open(image) as opened:
+                picture = opened.convert("RGB")
+        elif isinstance(image, Image.Image):
+            picture = image.convert("RGB")
+        else:
+            picture = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
+    except (OSError, ValueError, TypeError):
+        tile = Image.new("RGB", (size, size), (200, 200, 200))
+        ImageDraw.Draw(tile).text((8, size // 2 - 8), "cannot open image", fill="black", font=_font(12))
+        return tile
+    picture = ImageOps.contain(picture, (size, size), Image.Resampling.BICUBIC)   # shrinks or enlarges
+    tile = Image.new("RGB", (size, size), (240, 240, 240))
+    tile.paste(picture, ((size - picture.width) // 2, (size - picture.height) // 2))
+    return tile
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:   # Pillow < 10.1: one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(text, max_chars):
+    return text if len(text) <= max_chars else text[:max_chars - 1] + "…"

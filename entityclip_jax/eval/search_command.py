@@ -1,0 +1,133 @@
+"""`entityclip search-index` and `entityclip search`: text-to-image search over your photos.
+
+  entityclip search-index --checkpoint C --images DIR --out INDEX.npz
+  entityclip search-index --checkpoint C --records DIR --split test --out INDEX.npz
+  entityclip search --checkpoint C --index INDEX.npz --query "..." -k 5 --sheet hits.png
+"""
+import pathlib
+
+from entityclip_jax.errors import EntityClipError
+
+
+def configure_search_index(parser):
+    parser.add_argument("--checkpoint", required=True,
+                        help="towers directory, training workdir, Hugging Face CLIPModel directory or OpenAI .pt")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of images (searched recursively)")
+    source.add_argument("--records", help="a TFRecord dataset directory written by write-records")
+    parser.add_argument("--split", default="test", help="split of --records to index (default: test)")
+    parser.add_argument("--out", required=True, help="index file to write (.npz)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per encoding step (default: 64)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="storage precision of the embeddings (default: float16, half the size)")
+
+
+def run_search_index(args):
+    from entityclip_jax.eval.encode import encode_dataset
+    from entityclip_jax.eval.search import build_index, find_images, image_folder_batches, model_fingerprint
+
+    model, params, config = _load(args.checkpoint)
+    if args.batch_size < 1:
+        raise EntityClipError(f"--batch-size must be at least 1, got {args.batch_size}")
+    encode_image, _ = _encoders(model, params)
+    image_size = config.vision.image_size
+    if args.images:
+        paths = find_images(args.images)
+        batches = image_folder_batches(paths, image_size, args.batch_size)
+        source = {"kind": "folder", "directory": str(pathlib.Path(args.images).resolve())}
+        total = len(paths)
+    else:
+        from entityclip_jax.data.pipeline import make_dataset, numpy_batches, split_size
+        dataset = make_dataset(args.records, args.split, batch_size=args.batch_size, image_size=image_size,
+                               train=False, process_index=0, process_count=1)
+        batches = numpy_batches(dataset)
+        source = {"kind": "records", "directory": str(pathlib.Path(args.records).resolve()), "split": args.split,
+                  "image_size": image_size}
+        total = split_size(args.records, args.split)
+    embeds, _, ids, _ = encode_dataset(batches, encode_image)
+    out = build_index(args.out, embeds, ids, ids=ids, fingerprint=model_fingerprint(params),
+                      source=source, dtype=args.dtype)
+    skipped = total - len(ids)
+    print(f"indexed {len(ids)} images from {source['directory']} -> {out}"
+          + (f" ({skipped} files could not be decoded and were skipped)" if skipped else ""))
+    return 0
+
+
+def configure_search(parser):
+    parser.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
+    parser.add_argument("--index", required=True, help="index file written by search-index")
+    parser.add_argument("--query", action="append", required=True,
+                        help="text to search for (repeat --query for several)")
+    parser.add_argument("-k", type=int, default=5, help="images per query (default: 5)")
+    parser.add_argument("--sheet", help="contact-sheet PNG of the hits (several queries: NAME_1.png, NAME_2.png, ...)")
+    parser.add_argument("--tokenizer", help="tokenizer directory or bpe_simple_vocab_16e6.txt.gz "
+                                            "(default: the checkpoint's own, else OpenAI's vocabulary)")
+
+
+def run_search(args):
+    from entityclip_jax.eval.search import contact_sheet, load_index, model_fingerprint, query_index
+
+    index = load_index(args.index)
+    model, params, config = _load(args.checkpoint)
+    tokenizer = _tokenizer(args.tokenizer, args.checkpoint)
+    ids, _, _ = tokenizer.encode_with_mask(args.query, config.text.max_position_embeddings)
+    _, encode_text = _encoders(model, params)
+    paths, scores = query_index(index, encode_text(ids), args.k, fingerprint=model_fingerprint(params))
+    for number, (query, hits, hit_scores) in enumerate(zip(args.query, paths, scores), start=1):
+        print(f"query: {query}")
+        for rank, (path, score) in enumerate(zip(hits, hit_scores), start=1):
+            print(f"  {rank:2d}. {score:.4f}  {path}")
+        if args.sheet:
+            sheet = _sheet_path(args.sheet, number, len(args.query))
+            images, captions = _hit_images(index, hits)
+            contact_sheet(images, hit_scores, query, sheet, captions=captions)
+            print(f"  contact sheet: {sheet}")
+    return 0
+
+
+def _load(checkpoint):
+    from entityclip_jax.models.clip import CLIPModel
+    from entityclip_jax.models.loading import load_towers
+
+    config, params = load_towers(checkpoint)
+    return CLIPModel(config), params, config
+
+
+def _encoders(model, params):
+    from entityclip_jax.eval.encode import clip_encoders
+    return clip_encoders(model, params)
+
+
+def _tokenizer(tokenizer_path, checkpoint):
+    from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    checkpoint = pathlib.Path(checkpoint)
+    if (checkpoint / "tokenizer.json").is_file() or (checkpoint / "vocab.json").is_file():
+        return load_tokenizer(checkpoint)
+    return load_tokenizer(ensure_openai_vocab())
+
+
+def _sheet_path(sheet, number, count):
+    sheet = pathlib.Path(sheet)
+    return sheet if count == 1 else sheet.with_name(f"{sheet.stem}_{number}{sheet.suffix or '.png'}")
+
+
+def _hit_images(index, hits):
+    """What to draw for each hit: the file, or for records the preprocessed image found by id."""
+    if index.source.get("kind") != "records":
+        return list(hits), None
+    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+
+    wanted, found = set(hits), {}
+    dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=64,
+                           image_size=index.source.get("image_size", 224),
+                           train=False, process_index=0, process_count=1, normalize_on_host=False)
+    for batch in numpy_batches(dataset):   # one pass over the split, stopping once every hit is found
+        for example_id, pixels, real in zip(batch["id"], batch["pixel_values"], batch["mask"]):
+            example_id = example_id.decode("utf-8")
+            if real and example_id in wanted:
+                found[example_id] = pixels
+        if len(found) == len(wanted):
+            break
+    return [found.get(h, f"{h} (not found in the records)") for h in hits], [str(h) for h in hits]

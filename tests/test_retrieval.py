@@ -1,0 +1,236 @@
+"""Chunked Recall@K against a brute-force reference: full matrix, sorted rows."""
+import numpy as np
+import pytest
+
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
+
+
+def brute_force_ranks(image_embeds, text_embeds, text_to_image, ties):
+    """Sort every row of the full similarity matrix; the rank is the position of
+    the first correct item. Ties put correct items first (optimistic) or last."""
+    sims = image_embeds.astype(np.float64) @ text_embeds.astype(np.float64).T   # [Ni, Nt]
+    correct = text_to_image[None, :] == np.arange(len(image_embeds))[:, None]
+
+    def rank_rows(scores, is_correct):
+        tie_key = ~is_correct if ties == "optimistic" else is_correct
+        ranks = []
+        for row_scores, row_key, row_correct in zip(scores, tie_key, is_correct):
+            order = np.lexsort((row_key, -row_scores))   # by score desc, then tie key
+            ranks.append(np.flatnonzero(row_correct[order])[0])
+        return np.array(ranks)
+
+    return {"i2t_ranks": rank_rows(sims, correct), "t2i_ranks": rank_rows(sims.T, correct.T)}
+
+
+def tied_problem(seed, num_images=37, dim=6):
+    """Integer embeddings in {-1, 0, 1}: dot products are exact and tie often.
+    1-3 captions per image, shuffled, plus captions copied under other images."""
+    rng = np.random.default_rng(seed)
+    image_embeds = rng.integers(-1, 2, (num_images, dim)).astype(np.float32)
+    text_to_image = np.repeat(np.arange(num_images), rng.integers(1, 4, num_images))
+    text_embeds = np.clip(image_embeds[text_to_image] + rng.integers(-1, 2, (len(text_to_image), dim)), -1, 1)
+    duplicates = rng.choice(len(text_to_image), 8, replace=False)
+    text_embeds = np.concatenate([text_embeds, text_embeds[duplicates]]).astype(np.float32)
+    text_to_image = np.concatenate([text_to_image, rng.integers(0, num_images, 8)])
+    perm = rng.permutation(len(text_to_image))
+    return image_embeds, text_embeds[perm], text_to_image[perm]
+
+
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 10, 1000])
+def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size):
+    image_embeds, text_embeds, text_to_image = tied_problem(seed=chunk_size)
+    got = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, ties=ties)
+    want = brute_force_ranks(image_embeds, text_embeds, text_to_image, ties)
+    np.testing.assert_array_equal(got["i2t_ranks"], want["i2t_ranks"])
+    np.testing.assert_array_equal(got["t2i_ranks"], want["t2i_ranks"])
+
+
+def test_tie_conventions_differ_on_ties_only():
+    image_embeds, text_embeds, text_to_image = tied_problem(seed=3)
+    optimistic = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=5)
+    pessimistic = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=5, ties="pessimistic")
+    assert (pessimistic["t2i_ranks"] >= optimistic["t2i_ranks"]).all()
+    assert (pessimistic["t2i_ranks"] > optimistic["t2i_ranks"]).any()   # the problem does tie
+
+    rng = np.random.default_rng(0)   # continuous embeddings: no ties, the conventions agree
+    images = rng.normal(size=(50, 16)).astype(np.float32)
+    texts = rng.normal(size=(50, 16)).astype(np.float32)
+    pairs = np.arange(50)
+    a = retrieval_ranks(images, texts, pairs, chunk_size=16)
+    b = retrieval_ranks(images, texts, pairs, chunk_size=16, ties="pessimistic")
+    np.testing.assert_array_equal(a["i2t_ranks"], b["i2t_ranks"])
+    np.testing.assert_array_equal(a["t2i_ranks"], b["t2i_ranks"])
+
+
+def test_collapsed_model_is_perfect_only_optimistically():
+    same = np.ones((20, 8), np.float32)
+    pairs = np.arange(20)
+    assert recall_metrics(retrieval_ranks(same, same, pairs))["t2i"]["R@1"] == 100.0
+    assert recall_metrics(retrieval_ranks(same, same, pairs, ties="pessimistic"))["t2i"]["R@1"] == 0.0
+
+
+def test_recall_metrics_match_direct_counts():
+    image_embeds, text_embeds, text_to_image = tied_problem(seed=11, num_images=120)
+    ranks = brute_force_ranks(image_embeds, text_embeds, text_to_image, "optimistic")
+    metrics = recall_metrics(ranks, ks=(1, 5, 10, 50, 100))
+    for direction in ("i2t", "t2i"):
+        r = ranks[f"{direction}_ranks"]
+        for k in (1, 5, 10, 50, 100):
+            hits = sum(1 for rank in r if rank + 1 <= k)   # 1-based rank within the top k
+            assert metrics[direction][f"R@{k}"] == pytest.approx(100.0 * hits / len(r))
+        one_based = sorted(rank + 1 for rank in r)
+        middle = len(one_based) // 2
+        median = one_based[middle] if len(r) % 2 else (one_based[middle - 1] + one_based[middle]) / 2
+        assert metrics[direction]["median_rank"] == np.floor(median - 1) + 1
+        assert metrics[direction]["mean_rank"] == pytest.approx(sum(one_based) / len(r))
+    rsum = sum(metrics[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    assert metrics["rsum"] == pytest.approx(rsum)
+    assert (metrics["num_images"], metrics["num_texts"]) == (len(image_embeds), len(text_embeds))
+
+
+def test_group_images_by_id_maps_captions_to_distinct_images():
+    ids = np.array([b"b", b"a", b"b", b"c", b"a", b"b"])
+    keep, text_to_image = group_images_by_id(ids)
+    np.testing.assert_array_equal(ids[keep], [b"b", b"a", b"c"])           # first appearance order
+    np.testing.assert_array_equal(ids[keep][text_to_image], ids)          # every caption finds its image
+
+
+def test_several_captions_per_image_take_the_best_caption():
+    images = np.eye(3, dtype=np.float32)
+    # image 0 has a poor caption and a perfect one; the perfect one decides its rank
+    texts = np.array([[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32) + 0.1 * np.eye(4, 3, dtype=np.float32)
+    text_to_image = np.array([0, 0, 1, 2])
+    ranks = retrieval_ranks(images, texts, text_to_image)
+    want = brute_force_ranks(images, texts, text_to_image, "optimistic")
+    np.testing.assert_array_equal(ranks["i2t_ranks"], want["i2t_ranks"])
+    assert ranks["i2t_ranks"][0] == 0
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(text_to_image=np.array([0, 1, 5])), "outside"),
+    (dict(text_to_image=np.array([0, 0, 0])), "have no text"),
+    (dict(text_to_image=np.array([0, 1])), "one integer image index per text"),
+    (dict(ties="random"), "ties must be one of"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_bad_input_is_refused_with_a_fix(bad, message):
+    args = dict(image_embeds=np.eye(3, dtype=np.float32), text_embeds=np.eye(3, dtype=np.float32),
+                text_to_image=np.arange(3))
+    args.update(bad)
+    with pytest.raises(EntityClipError, match=message):
+        retrieval_ranks(args.pop("image_embeds"), args.pop("text_embeds"), args.pop("text_to_image"), **args)
+
+
+def test_report_files_hold_the_metrics(tmp_path):
+    import json
+    import re
+
+    from PIL import Image
+
+    from entityclip_jax.eval.report import write_retrieval_report
+
+    image_embeds, text_embeds, text_to_image = tied_problem(seed=5, num_images=60)
+    metrics = recall_metrics(retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=16))
+    paths = write_retrieval_report(metrics, tmp_path / "out", name="n24news", title="N24News test")
+
+    assert json.loads(paths["json"].read_text()) == metrics
+
+    rows = {}
+    for line in paths["markdown"].read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("image -> text", "text -> image"):
+            rows["i2t" if cells[0] == "image -> text" else "t2i"] = [float(c) for c in cells[1:]]
+    assert set(rows) == {"i2t", "t2i"}
+    for direction, cells in rows.items():
+        want = [metrics[direction][f"R@{k}"] for k in (1, 5, 10, 50, 100)]
+        want += [metrics[direction]["median_rank"], metrics[direction]["mean_rank"]]
+        np.testing.assert_allclose(cells, want, atol=0.005)
+    rsum = re.search(r"rsum .*: ([0-9.]+)", paths["markdown"].read_text()).group(1)
+    assert float(rsum) == pytest.approx(metrics["rsum"], abs=0.005)
+
+    with Image.open(paths["png"]) as image:
+        image.verify()
+    with Image.open(paths["png"]) as image:
+        assert image.format == "PNG" and min(image.size) >= 200
+        assert len(set(image.convert("L").getdata())) > 10   # drawn on, not blank
+
+
+def fake_batches(num_examples, batch_size, rng):
+    """Eval-mode batches: the last one padded to full size with mask=False rows."""
+    for start in range(0, num_examples, batch_size):
+        real = min(batch_size, num_examples - start)
+        mask = np.arange(batch_size) < real
+        yield {
+            "pixel_values": rng.normal(size=(batch_size, 4, 4, 3)).astype(np.float32),
+            "query_ids": rng.integers(0, 100, (batch_size, 7)).astype(np.int32),
+            "id": np.array([f"ex{start + i}".encode() if mask[i] else b"" for i in range(batch_size)], object),
+            "label": np.array([b"sport" if (start + i) % 2 else b"arts" for i in range(batch_size)], object),
+            "mask": mask,
+        }
+
+
+def test_encode_dataset_drops_padding_and_keeps_order():
+    import jax
+    import jax.numpy as jnp
+
+    from entityclip_jax.eval.encode import encode_dataset
+
+    traces = []
+
+    def encode_image(pixels):
+        traces.append(pixels.shape)   # runs once per compilation
+        return pixels.reshape(pixels.shape[0], -1)[:, :5] * 2.0
+
+    encode_text = jax.jit(lambda ids: jnp.stack([ids.sum(1), ids[:, 0]], axis=1).astype(jnp.float32))
+    batches = list(fake_batches(23, 8, np.random.default_rng(0)))
+    image_embeds, text_embeds, ids, labels = encode_dataset(iter(batches), jax.jit(encode_image), encode_text)
+
+    keep = np.concatenate([b["mask"] for b in batches])
+    pixels = np.concatenate([b["pixel_values"] for b in batches])[keep]
+    query_ids = np.concatenate([b["query_ids"] for b in batches])[keep]
+    np.testing.assert_allclose(image_embeds, pixels.reshape(23, -1)[:, :5] * 2.0)
+    np.testing.assert_allclose(text_embeds, np.stack([query_ids.sum(1), query_ids[:, 0]], 1))
+    assert list(ids) == [f"ex{i}" for i in range(23)]
+    assert list(labels) == ["sport" if i % 2 else "arts" for i in range(23)]
+    assert len(traces) == 1   # padded batches share one shape: one compilation
+
+
+def test_encode_dataset_images_only_and_empty_input():
+    from entityclip_jax.eval.encode import encode_dataset
+
+    batches = [{"pixel_values": np.ones((3, 2, 2, 3), np.float32)}]
+    image_embeds, text_embeds, ids, labels = encode_dataset(batches, lambda x: x.reshape(3, -1))
+    assert image_embeds.shape == (3, 12) and text_embeds is None and labels is None
+    assert list(ids) == ["0", "1", "2"]
+    with pytest.raises(EntityClipError, match="no examples"):
+        encode_dataset([], lambda x: x)
+    with pytest.raises(EntityClipError, match="query_ids"):
+        encode_dataset(batches, lambda x: x, lambda t: t)
+
+
+def test_clip_encoders_give_the_towers_normalised_embeddings():
+    import jax
+
+    from entityclip_jax.eval.encode import clip_encoders
+    from entityclip_jax.models.clip import CLIPModel
+    from entityclip_jax.models.clip_config import preset
+
+    config = preset("tiny")
+    model = CLIPModel(config)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(3, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
+    ids = rng.integers(1, config.text.vocab_size - 1, (3, config.text.max_position_embeddings)).astype(np.int32)
+    ids[:, 5] = config.text.eos_token_id
+    # Random parameters of the right shapes, without compiling model.init.
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, pixels)["params"]
+    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+    encode_image, encode_text = clip_encoders(model, params)
+    apply = jax.jit(model.apply, static_argnames="method")
+    want_image = apply({"params": params}, pixels, method=CLIPModel.encode_image).embeds
+    want_text = apply({"params": params}, ids, method=CLIPModel.encode_text).embeds
+    np.testing.assert_allclose(encode_image(pixels), want_image, atol=1e-5)
+    np.testing.assert_allclose(encode_text(ids), want_text, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(encode_image(pixels), axis=1), 1, atol=1e-5)
