@@ -1,0 +1,321 @@
+"""Explanation-augmented TFRecords: schema, writer, and the metadata beside the shards.
+
+A written dataset directory is both ours and TFDS's:
+    entityclip-train.tfrecord-00000-of-00004 ...   shards (tf.train.Example, TFDS layout)
+    dataset_info.json, features.json               TFDS metadata (tfds.builder_from_directory)
+    entityclip_meta.json                           ours: counts, skips, tokenizer, schema version
+Schema (one example; FEATURES below; text is UTF-8):
+    id               bytes   unique within the split
+    image            bytes   encoded JPEG or PNG (TFDS decodes it; our pipeline decodes itself)
+    query            text    the image caption (METHOD.md: the entity query)
+    explanation      text    LLM explanation of the entities, "" when absent
+    query_ids        int64[context_length]   CLIP tokens: BOS ... EOT pad
+    explanation_ids  int64[context_length]
+    headline, label, source  text, "" when absent
+
+Why not a tfds.core.GeneratorBasedBuilder / store_as_tfds_dataset: their
+generators run in one process (Beam is the only parallel path) and write one
+split per build. Here image checking and re-encoding run in a process pool,
+examples are serialised with TFDS's own FeaturesDict (so the bytes are exactly
+what TFDS reads), shards are written with tf.io.TFRecordWriter, and
+tfds.folder_dataset.write_metadata writes TFDS's dataset_info.json.
+
+Crash safety: shards are written under .tmp-<split>/ and renamed into place only
+when the split is complete; the meta file is written last, atomically. A
+directory without entityclip_meta.json (or without the split in it) was never
+finished.
+"""
+import collections
+import concurrent.futures
+import datetime
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+
+from entityclip_jax.errors import EntityClipError
+
+SCHEMA_VERSION = 1
+CONTEXT_LENGTH = 77
+DATASET_NAME = "entityclip"
+META_FILE = "entityclip_meta.json"
+TEXT_FIELDS = ("id", "query", "explanation", "headline", "label", "source")
+TOKEN_FIELDS = ("query_ids", "explanation_ids")
+_CHUNK = 64  # examples per worker task: big enough to amortise pickling, small enough to stream
+
+
+def features(context_length=CONTEXT_LENGTH):
+    """The record schema as a tfds.features.FeaturesDict."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+    spec = {name: tfds.features.Text() for name in TEXT_FIELDS}
+    spec["image"] = tfds.features.Image(shape=(None, None, 3))
+    for name in TOKEN_FIELDS:
+        spec[name] = tfds.features.Tensor(shape=(context_length,), dtype=np.int64)
+    return tfds.features.FeaturesDict(spec)
+
+
+def shard_name(split, index, count):
+    return f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
+# ---------------------------------------------------------------- image checks (worker side)
+
+def check_image(data, max_side=None, jpeg_quality=90):
+    """Encoded image bytes -> (bytes to store, None) or (None, reason).
+
+    Decodes fully with PIL (verify() finds broken structure, load() truncated
+    data). JPEG/PNG in modes TF decodes are kept byte for byte; other formats
+    or modes (CMYK, 16-bit, WebP, GIF, ...) are re-encoded as RGB JPEG, and so
+    are images whose longer side exceeds max_side (resized to max_side, bicubic).
+    """
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises many types for bad bytes; all mean "not an image we can use"
+        return None, f"corrupt_image: {type(err).__name__}: {err}"
+    if min(image.size) < 1:
+        return None, f"corrupt_image: empty image {image.size}"
+    keep = ((image.format == "JPEG" and image.mode in ("RGB", "L"))
+            or (image.format == "PNG" and image.mode in ("RGB", "RGBA", "L", "LA", "P")))
+    too_big = max_side is not None and max(image.size) > max_side
+    if keep and not too_big:
+        return data, None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if too_big:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=jpeg_quality)
+    return out.getvalue(), None
+
+
+def _load_and_check(example, max_side, jpeg_quality):
+    data = example.image_bytes
+    if data is None:
+        if not example.image_path:
+            return None, "missing_image: the record names no image"
+        try:
+            data = pathlib.Path(example.image_path).read_bytes()
+        except OSError as err:
+            return None, f"missing_image: {example.image_path}: {err.strerror or err}"
+    return check_image(data, max_side, jpeg_quality)
+
+
+def _check_chunk(chunk, max_side, jpeg_quality):
+    """Worker task: [RawExample] -> [(bytes or None, reason or None)] in order."""
+    return [_load_and_check(example, max_side, jpeg_quality) for example in chunk]
+
+
+def _text_problem(example):
+    """A skip reason when the texts cannot be written (adapters normally catch these first)."""
+    if not isinstance(example.id, str) or not example.id:
+        return "bad_record: empty id"
+    if not isinstance(example.query, str) or not example.query.strip():
+        return "empty_query: the query is empty"
+    for name in ("id", "query", "explanation", "headline", "label", "source"):
+        value = getattr(example, name)
+        try:
+            value is None or value.encode("utf-8")
+        except (UnicodeEncodeError, AttributeError):
+            return f"bad_utf8: {name} is not valid UTF-8 text"
+    return None
+
+
+def _chunks(examples, size):
+    chunk = []
+    for example in examples:
+        chunk.append(example)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ordered_map(fn, items, workers, *args):
+    """fn(item, *args) over items, results in order, at most 2*workers tasks in flight.
+
+    Workers are spawned (never forked: the parent may hold TensorFlow threads)
+    and import only this module's light dependencies (PIL, numpy).
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item, *args)
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending = collections.deque()
+        for item in items:
+            pending.append((item, pool.submit(fn, item, *args)))
+            if len(pending) >= 2 * workers:
+                item, future = pending.popleft()
+                yield item, future.result()
+        while pending:
+            item, future = pending.popleft()
+            yield item, future.result()
+
+
+# ---------------------------------------------------------------- metadata
+
+def read_meta(data_dir):
+    """The entityclip_meta.json of a written dataset; refuses unfinished or foreign ones."""
+    path = pathlib.Path(data_dir) / META_FILE
+    if not path.is_file():
+        raise EntityClipError(f"{path} not found: {data_dir} is not a finished entityclip records directory; "
+                              "write it with `entityclip write-records --out DIR` (an interrupted write "
+                              "leaves no meta file: run it again)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise EntityClipError(f"{path} is not valid JSON ({err}); rewrite the dataset with write-records")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise EntityClipError(f"{path} has schema version {meta.get('schema_version')}, this code reads "
+                              f"version {SCHEMA_VERSION}; rewrite the records with this version's write-records")
+    return meta
+
+
+def _write_json_atomic(path, value):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_tfds_metadata(out_dir, meta):
+    """dataset_info.json + features.json for every non-empty split, so tfds can read the directory."""
+    import tensorflow_datasets as tfds
+    split_infos = [tfds.core.SplitInfo(name=name, shard_lengths=[s["num_examples"] for s in info["shards"]],
+                                       num_bytes=info["num_bytes"])
+                   for name, info in sorted(meta["splits"].items()) if info["shards"]]
+    if not split_infos:  # nothing readable: leave no TFDS metadata pointing at deleted shards
+        for name in ("dataset_info.json", "features.json"):
+            (pathlib.Path(out_dir) / name).unlink(missing_ok=True)
+        return
+    tfds.folder_dataset.write_metadata(
+        data_dir=str(out_dir), features=features(meta["context_length"]), split_infos=split_infos,
+        check_data=False, description="EntityCLIP explanation-augmented image/query records "
+        f"(schema version {SCHEMA_VERSION}; see {META_FILE}).")
+
+
+# ---------------------------------------------------------------- writer
+
+def write_split(examples, out_dir, split, tokenizer, report, *, context_length=CONTEXT_LENGTH,
+                examples_per_shard=1024, max_side=None, jpeg_quality=90, workers=None,
+                source="", progress=True):
+    """Writes one split of RawExamples as TFRecord shards; returns the split's meta entry.
+
+    examples: iterable of RawExample (explanation already attached, None -> "").
+    report: the SkipReport the source adapters filled; this adds the writer's own
+      skips (duplicate_id, missing_image, corrupt_image) and is stored in the meta.
+    workers: processes checking/re-encoding images (default: all cores; <= 1 inline).
+      They are spawned, so a calling script needs the `if __name__ == "__main__":` guard.
+    Rewriting an existing split replaces it; other splits in out_dir are kept,
+    but they must have been written with the same tokenizer and context length.
+    """
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    if not str(split).replace("_", "").isalnum():
+        raise EntityClipError(f"split name {split!r} must be letters, digits or '_' (it goes into file names)")
+    if examples_per_shard < 1:
+        raise EntityClipError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
+    if max_side is not None and max_side < 1:
+        raise EntityClipError(f"max_side must be >= 1 pixel, got {max_side}")
+    if not 1 <= jpeg_quality <= 100:
+        raise EntityClipError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"schema_version": SCHEMA_VERSION, "context_length": context_length,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "dataset_name": DATASET_NAME, "splits": {}}
+    if (out_dir / META_FILE).is_file():
+        old = read_meta(out_dir)
+        for key in ("tokenizer_fingerprint", "context_length"):
+            if old[key] != meta[key]:
+                raise EntityClipError(f"{out_dir} holds splits written with {key} {old[key]!r}, not {meta[key]!r}; "
+                                      "write to a new --out directory or rewrite every split")
+        meta["splits"] = old["splits"]
+
+    workers = os.cpu_count() if workers is None else workers
+    feature_dict = features(context_length)
+    tmp_dir = out_dir / f".tmp-{split}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    shards, seen, writer = [], set(), None
+
+    def fresh(chunk):  # bad text and duplicates are dropped before the costly image work
+        kept = []
+        for example in chunk:
+            problem = _text_problem(example)
+            if problem:  # an id that is not UTF-8 is listed in its ascii() form
+                report.skip(example.id if "id is not" not in problem else ascii(example.id), problem)
+            elif example.id in seen:
+                report.skip(example.id, f"duplicate_id: {example.id} seen before (first kept)")
+            else:
+                seen.add(example.id)
+                kept.append(example)
+        return kept
+
+    bar = tqdm(desc=f"write {split}", unit="ex", disable=not progress)
+    try:
+        chunks = (kept for kept in map(fresh, _chunks(examples, _CHUNK)) if kept)
+        for chunk, checked in _ordered_map(_check_chunk, chunks, workers, max_side, jpeg_quality):
+            good = []
+            for example, (data, reason) in zip(chunk, checked):
+                if reason:
+                    report.skip(example.id, reason)
+                else:
+                    good.append((example, data))
+            if not good:
+                continue
+            query_ids, _ = tokenizer.encode([e.query for e, _ in good], context_length)
+            expl_ids, _ = tokenizer.encode([e.explanation or "" for e, _ in good], context_length)
+            for row, (example, data) in enumerate(good):
+                serialized = feature_dict.serialize_example({
+                    "id": example.id, "image": data, "query": example.query,
+                    "explanation": example.explanation or "", "headline": example.headline or "",
+                    "label": example.label or "", "source": example.source or source,
+                    "query_ids": query_ids[row].astype("int64"),
+                    "explanation_ids": expl_ids[row].astype("int64")})
+                if writer is None or shards[-1]["num_examples"] == examples_per_shard:
+                    if writer is not None:
+                        writer.close()
+                    shards.append({"file": f"{len(shards):05d}.tfrecord", "num_examples": 0})
+                    writer = tf.io.TFRecordWriter(str(tmp_dir / shards[-1]["file"]))
+                writer.write(serialized)
+                shards[-1]["num_examples"] += 1
+                bar.update(1)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # partial shards are useless: a rerun starts over
+        raise
+    finally:
+        bar.close()
+
+    # The split is complete: replace the old shards of this split, then the metadata (meta file last).
+    for old_shard in out_dir.glob(f"{DATASET_NAME}-{split}.tfrecord-*"):
+        old_shard.unlink()
+    for index, shard in enumerate(shards):
+        final = out_dir / shard_name(split, index, len(shards))
+        os.replace(tmp_dir / shard["file"], final)
+        shard["file"] = final.name
+        shard["num_bytes"] = final.stat().st_size
+    tmp_dir.rmdir()
+    entry = {"num_examples": sum(s["num_examples"] for s in shards),
+             "num_bytes": sum(s["num_bytes"] for s in shards), "shards": shards,
+             "source": source, "max_side": max_side, "jpeg_quality": jpeg_quality,
+             "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+             "skipped": report.to_dict()}
+    meta["splits"][split] = entry
+    _write_tfds_metadata(out_dir, meta)
+    _write_json_atomic(out_dir / META_FILE, meta)
+    return entry
