@@ -69,7 +69,7 @@ def draw(entity_indices, background, image_size, rng):
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def synthetic_examples(num_examples, seed=0, image_size=64):
+def synthetic_examples(num_examples, seed=0, image_size=64, id_prefix="syn"):
     """Yields (id, image uint8 [H, W, 3], query, explanation, headline, label)."""
     rng = np.random.default_rng(seed)
     for n in range(num_examples):
@@ -80,11 +80,11 @@ def synthetic_examples(num_examples, seed=0, image_size=64):
         query = (f"{names[0]} {event}" if count == 1 else f"{names[0]} meets {names[1]} {event}")
         query = query[0].upper() + query[1:]
         headline = f"{ENTITIES[indices[0]][4].capitalize()} makes news"
-        yield (f"syn-{n:05d}", draw(indices, background, image_size, rng), query,
+        yield (f"{id_prefix}-{n:05d}", draw(indices, background, image_size, rng), query,
                explanation_for(indices, event), headline, ENTITIES[indices[0]][1])
 
 
-def write_synthetic_dataset(root, num_examples, seed=0, image_size=64, filename="data.jsonl"):
+def write_synthetic_dataset(root, num_examples, seed=0, image_size=64, filename="data.jsonl", id_prefix="syn"):
     """Writes JPEGs under root/images and a JSONL of {id, image, query, explanation,
     headline, label} (the generic JSONL source layout). Returns the JSONL path."""
     from PIL import Image
@@ -92,7 +92,7 @@ def write_synthetic_dataset(root, num_examples, seed=0, image_size=64, filename=
     path = os.path.join(root, filename)
     with open(path, "w") as f:
         for example_id, image, query, explanation, headline, label in synthetic_examples(
-                num_examples, seed, image_size):
+                num_examples, seed, image_size, id_prefix):
             relative = os.path.join("images", f"{example_id}.jpg")
             Image.fromarray(image).save(os.path.join(root, relative), quality=92)
             f.write(json.dumps(dict(id=example_id, image=relative, query=query, explanation=explanation,

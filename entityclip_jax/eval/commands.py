@@ -1,0 +1,120 @@
+"""CLI: `entityclip eval` (Recall@K) and `entityclip classify` (zero-shot news sections).
+
+Both run the plain CLIP towers only (METHOD.md, Inference): whatever checkpoint
+kind the user has (training workdir, towers directory, Hugging Face directory,
+OpenAI-layout file).
+"""
+import json
+import os
+import time
+
+
+def _add_common(parser):
+    parser.add_argument("--checkpoint", required=True,
+                        help="training workdir, towers dir, Hugging Face CLIPModel dir or OpenAI .pt")
+    parser.add_argument("--data", required=True, help="TFRecord dataset directory (write-records output)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", required=True, help="directory for the JSON, Markdown and PNG results")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
+def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", transform=None):
+    """(image_embeds, text_embeds, ids, labels, config) of a whole split, plain CLIP towers.
+
+    transform(batches, config) may add fields to each batch (e.g. tokenized headlines).
+    """
+    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+    from entityclip_jax.eval.encode import clip_encoders, encode_dataset
+    from entityclip_jax.models.clip import CLIPModel
+    from entityclip_jax.models.loading import load_towers
+
+    config, params = load_towers(checkpoint)
+    encode_image, encode_text = clip_encoders(CLIPModel(config), params)
+    dataset = make_dataset(data_dir, split, batch_size=batch_size, image_size=config.vision.image_size,
+                           train=False, process_index=0, process_count=1)
+    batches = numpy_batches(dataset)
+    if transform is not None:
+        batches = transform(batches, config)
+    images, texts, ids, labels = encode_dataset(batches, encode_image, encode_text, text_key=text_key)
+    return images, texts, ids, labels, config
+
+
+def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chunk_size=1024, ties="pessimistic"):
+    """Recall@1/5/10/50/100, median and mean rank both ways; writes JSON, Markdown, PNG."""
+    from entityclip_jax.eval.report import write_retrieval_report
+    from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
+
+    images, texts, ids, _, _ = encode_split(checkpoint, data_dir, split, batch_size)
+    keep, text_to_image = group_images_by_id(ids)
+    metrics = recall_metrics(retrieval_ranks(images[keep], texts, text_to_image, chunk_size=chunk_size,
+                                                     ties=ties))
+    metrics["ties"] = ties
+    metrics["checkpoint"], metrics["data"], metrics["split"] = str(checkpoint), str(data_dir), split
+    paths = write_retrieval_report(metrics, out_dir, title=f"{split} of {os.path.basename(str(data_dir).rstrip('/'))}")
+    return metrics, paths
+
+
+def configure_eval(parser):
+    _add_common(parser)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="similarity rows scored at a time")
+    parser.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic",
+                        help="tied scores count against the query (default: a collapsed model scores 0, not 100)")
+
+
+def run_eval(args):
+    from entityclip_jax.eval.report import markdown_table
+    start = time.time()
+    metrics, paths = evaluate_retrieval(args.checkpoint, args.data, args.split, args.out,
+                                        args.batch_size, args.chunk_size, args.ties)
+    print(markdown_table(metrics))
+    print(f"{metrics['num_images']} images, {metrics['num_texts']} texts in {time.time() - start:.1f}s; "
+          f"wrote {', '.join(str(p) for p in _as_list(paths))}")
+
+
+def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_path, class_names=None,
+                             template=None, batch_size=64):
+    """The paper's Figure 5: class prompts scored against image and headline, averaged."""
+    import numpy as np
+
+    from entityclip_jax.data.tokenizer import load_tokenizer
+    from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
+                                              write_classification_report, zero_shot_classify)
+    from entityclip_jax.eval.encode import clip_encoders
+    from entityclip_jax.models.clip import CLIPModel
+    from entityclip_jax.models.loading import load_towers
+
+    tokenizer = load_tokenizer(tokenizer_path)
+
+    def with_headline_ids(batches, config):
+        for batch in batches:
+            headlines = [h.decode("utf-8") if isinstance(h, bytes) else str(h) for h in batch["headline"]]
+            yield dict(batch, headline_ids=tokenizer.encode(headlines, config.text.max_position_embeddings)[0])
+
+    images, headlines, _, labels, config = encode_split(checkpoint, data_dir, split, batch_size,
+                                                        text_key="headline_ids", transform=with_headline_ids)
+    labels = np.asarray(labels).astype(str)
+    class_names = sorted(set(labels)) if class_names is None else list(class_names)
+    prompt_ids, _ = tokenizer.encode(class_prompts(class_names, template or DEFAULT_TEMPLATE),
+                                     config.text.max_position_embeddings)
+    _, encode_text = clip_encoders(CLIPModel(config), load_towers(checkpoint)[1])
+    predictions = zero_shot_classify(images, headlines, np.asarray(encode_text(prompt_ids)))
+    return write_classification_report(label_indices(labels, class_names), np.asarray(predictions),
+                                       class_names, out_dir, template=template or DEFAULT_TEMPLATE)
+
+
+def configure_classify(parser):
+    _add_common(parser)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or OpenAI .gz vocabulary")
+    parser.add_argument("--template", help="class prompt template with {section}")
+
+
+def run_classify(args):
+    paths = zero_shot_classification(args.checkpoint, args.data, args.split, args.out, args.tokenizer,
+                                     template=args.template, batch_size=args.batch_size)
+    summary = json.loads(open(paths["json"]).read())
+    print(f"zero-shot accuracy {summary['accuracy']:.3f} over {summary['num_examples']} articles; "
+          f"wrote {paths['json']} and {paths['png']}")
+
+
+def _as_list(paths):
+    return list(paths.values()) if isinstance(paths, dict) else list(paths)
