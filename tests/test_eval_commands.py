@@ -3,14 +3,12 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from entityclip_jax.cli import main as cli
-from entityclip_jax.data.pipeline import make_dataset, numpy_batches
-from entityclip_jax.models.clip import CLIPModel, init_params
+from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import PRESETS
 from entityclip_jax.models.loading import save_towers
 from tests._tiny_training import write_tiny_records
@@ -28,21 +26,17 @@ def setup(tmp_path_factory):
                 tokenizer=str(root / "tokenizer"))
 
 
-def brute_force_recall_at_1(setup):
-    """Embeddings by hand, full similarity matrix, argmax: the reference."""
-    model = CLIPModel(setup["config"])
-    images, texts = [], []
-    for batch in numpy_batches(make_dataset(setup["records"], "val", batch_size=16, image_size=64, train=False,
-                                            process_index=0, process_count=1)):
-        keep = batch["mask"]
-        out = model.apply({"params": setup["params"]}, jnp.asarray(batch["query_ids"]),
-                          jnp.asarray(batch["pixel_values"]))
-        images.append(np.asarray(out.image.embeds)[keep])
-        texts.append(np.asarray(out.text.embeds)[keep])
-    similarity = np.concatenate(images) @ np.concatenate(texts).T
+def brute_force_metrics(setup):
+    """The reference: the same embeddings, a full similarity matrix and sorted rows."""
+    from entityclip_jax.eval.commands import encode_split
+    images, texts, _, _, _ = encode_split(setup["towers"], setup["records"], "val", 16)
+    similarity = images @ texts.T
     n = len(similarity)
-    return (100 * np.mean(similarity.argmax(1) == np.arange(n)),
-            100 * np.mean(similarity.argmax(0) == np.arange(n)), n)
+    # pessimistic ties: wrong items scoring >= the correct one count against it
+    i2t = np.array([(similarity[i] >= similarity[i, i]).sum() - 1 for i in range(n)])
+    t2i = np.array([(similarity[:, t] >= similarity[t, t]).sum() - 1 for t in range(n)])
+    return {d: {f"R@{k}": 100 * np.mean(r < k) for k in (1, 5, 10)} | {"mean_rank": r.mean() + 1}
+            for d, r in (("i2t", i2t), ("t2i", t2i))}, n
 
 
 def test_eval_command_writes_metrics_equal_to_brute_force(setup, capsys):
@@ -51,9 +45,11 @@ def test_eval_command_writes_metrics_equal_to_brute_force(setup, capsys):
                 "--out", str(out), "--batch-size", "16"]) == 0
     assert "image -> text" in capsys.readouterr().out and (out / "retrieval.md").exists()
     metrics = json.loads((out / "retrieval.json").read_text())
-    i2t, t2i, n = brute_force_recall_at_1(setup)
+    reference, n = brute_force_metrics(setup)
     assert metrics["num_images"] == metrics["num_texts"] == n == 40
-    assert metrics["i2t"]["R@1"] == pytest.approx(i2t) and metrics["t2i"]["R@1"] == pytest.approx(t2i)
+    for direction, values in reference.items():
+        for key, value in values.items():
+            assert metrics[direction][key] == pytest.approx(value), (direction, key)
     assert metrics["ties"] == "pessimistic"
     with Image.open(out / "retrieval.png") as png:
         assert png.size[0] > 200
