@@ -1,0 +1,66 @@
+"""Validation during training, with the plain CLIP towers (METHOD.md "Inference").
+
+Every validation example is encoded once (the pipeline's eval mode pads the
+last batch and masks the padding), then:
+  val/vtc_loss  CLIP's symmetric InfoNCE over consecutive chunks of the training
+                batch size, averaged (the release's validation loss; its model
+                selection criterion);
+  val/i2t_R@K, val/t2i_R@K (K = 1, 5, 10) and val/rsum over the whole split.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entityclip_jax.data import pipeline
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.eval.retrieval import recall_metrics, retrieval_ranks
+from entityclip_jax.losses import clip_contrastive_loss
+from entityclip_jax.models.clip import CLIPModel
+from entityclip_jax.models.entityclip import pixels
+from entityclip_jax.train import sharding
+
+KS = (1, 5, 10)
+
+
+class Validator:
+    def __init__(self, model, config, mesh):
+        self.config, self.mesh = config, mesh
+        self.batch_size = config.eval.batch_size
+        if self.batch_size % mesh.size:
+            raise EntityClipError(f"eval.batch_size {self.batch_size} must be a multiple of the {mesh.size} devices")
+        towers = model.towers
+
+        def encode(clip_params, batch):
+            variables = {"params": clip_params}
+            image = towers.apply(variables, pixels(batch), method=CLIPModel.encode_image).embeds
+            text = towers.apply(variables, batch["query_ids"], method=CLIPModel.encode_text).embeds
+            return image, text, batch["mask"]
+        # Inputs keep their shardings; outputs replicated: every host gets the whole batch's embeddings.
+        self.encode = jax.jit(encode, out_shardings=sharding.replicated(mesh))
+        self.image_size = model.clip.vision.image_size
+
+    def _batches(self):
+        ds = pipeline.make_dataset(
+            self.config.data.dir, self.config.data.val_split, batch_size=self.batch_size // jax.process_count(),
+            image_size=self.image_size, train=False, normalize_on_host=self.config.data.normalize_on_host,
+            dct_scaling=self.config.data.dct_scaling)
+        for batch in pipeline.numpy_batches(ds):
+            yield pipeline.to_global_arrays(batch, self.mesh, self.mesh.axis_names)
+
+    def __call__(self, params):
+        parts = [self.encode(params["clip"], batch) for batch in self._batches()]
+        image, text, mask = (np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(3))
+        image, text = image[mask], text[mask]
+        if len(image) < 2:
+            raise EntityClipError(f"the {self.config.data.val_split!r} split has {len(image)} examples; "
+                                  "validation needs at least 2")
+        logit_scale = jax.device_get(params["clip"]["logit_scale"])
+        chunk = self.config.batch_size
+        losses = [float(clip_contrastive_loss(jnp.asarray(image[i:i + chunk]), jnp.asarray(text[i:i + chunk]),
+                                              logit_scale))
+                  for i in range(0, len(image), chunk) if len(image[i:i + chunk]) >= 2]
+        recall = recall_metrics(retrieval_ranks(image, text, np.arange(len(text))), ks=KS)
+        metrics = {"val/vtc_loss": float(np.mean(losses)), "val/rsum": recall["rsum"]}
+        for direction in ("i2t", "t2i"):
+            metrics.update({f"val/{direction}_R@{k}": recall[direction][f"R@{k}"] for k in KS})
+        return metrics
