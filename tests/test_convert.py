@@ -97,21 +97,20 @@ def openai_state_dict_from_hf(model):
 
 
 def tiny_openai_model():
-    # OpenAI's layout implies heads = width // 64, 4*width MLPs and the OpenAI vocabulary's EOT id.
-    return tiny_hf_clip(hidden_size=64, intermediate_size=256, num_attention_heads=1,
-                        vocab_size=49408, bos_token_id=49406, eos_token_id=49407)
+    """A tiny CLIPModel in OpenAI's conventions: heads = width // 64, 4*width MLPs,
+    the OpenAI vocabulary's BOS/EOT ids, so the OpenAI layout describes it fully."""
+    import transformers as tf_
+    text = tiny_hf_clip(hidden_size=64, intermediate_size=256, num_attention_heads=1, vocab_size=49408,
+                        bos_token_id=49406, eos_token_id=49407).config.text_config
+    vision = dict(tiny_hf_clip().config.vision_config.to_dict(), hidden_size=64, intermediate_size=256,
+                  num_attention_heads=1)
+    torch.manual_seed(1)
+    return tf_.CLIPModel(tf_.CLIPConfig(text_config=text.to_dict(), vision_config=vision,
+                                        projection_dim=24)).eval()
 
 
 def test_openai_layout_import_equals_hf_import(tmp_path):
-    import transformers as tf_
     model = tiny_openai_model()
-    vision = model.config.vision_config
-    # Match OpenAI's conventions on the vision side too.
-    config = tf_.CLIPConfig(text_config=model.config.text_config.to_dict(),
-                            vision_config=dict(vision.to_dict(), hidden_size=64, intermediate_size=256,
-                                               num_attention_heads=1), projection_dim=24)
-    torch.manual_seed(1)
-    model = tf_.CLIPModel(config).eval()
     model.save_pretrained(tmp_path / "hf")
     hf_config, hf_params = load_hf_checkpoint(str(tmp_path / "hf"))
     state = openai_state_dict_from_hf(model)

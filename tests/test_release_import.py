@@ -148,3 +148,35 @@ def test_split_separates_towers_from_heads_and_refuses_strangers(release):
     assert set(got_towers) == set(towers) and set(got_heads) == set(heads)
     with pytest.raises(EntityClipError, match=r"neither .* rank_head\.weight"):
         split_release_state_dict({**towers, **heads, "rank_head.weight": np.zeros(2)})
+
+
+def test_release_checkpoint_initialises_training(tmp_path):
+    """A whole release checkpoint (OpenAI-layout towers + heads) starts `entityclip train`
+    with every weight it holds, and evaluates as plain towers."""
+    import pathlib
+
+    from entityclip_jax.config import load_config
+    from entityclip_jax.convert.openai import openai_to_flax
+    from entityclip_jax.models.entityclip import init_entityclip
+    from entityclip_jax.models.loading import load_towers
+    from tests.test_convert import openai_state_dict_from_hf, tiny_openai_model
+
+    torch.manual_seed(1)
+    heads = ReleaseHeads(24, N_V, N_S, N_T)  # 24 = the tiny towers' projection width
+    state = openai_state_dict_from_hf(tiny_openai_model())
+    state.update({k: v.numpy() for k, v in heads.state_dict().items()})
+    path = tmp_path / "entityclip_release.pt"
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, path)
+
+    config = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_cpu.py"))
+    with config.unlocked():
+        config.model.init = str(path)
+        config.heads.num_image_experts, config.heads.num_explanation_experts = N_V, N_S
+        config.heads.num_text_experts = N_T
+    model, params = init_entityclip(jax.random.key(0), config)
+    expected_heads = release_heads_to_flax({k: v for k, v in state.items() if k in heads.state_dict()}, CFG)
+    _, expected_towers = openai_to_flax({k: v for k, v in state.items() if k not in heads.state_dict()})
+    for got, want in ((params["heads"], expected_heads), (params["clip"], expected_towers)):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    _, towers = load_towers(str(path))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), towers, expected_towers)

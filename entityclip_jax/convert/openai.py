@@ -74,6 +74,10 @@ def config_from_openai(state_dict):
     vision_width, patch = conv.shape[0], conv.shape[-1]
     grid = int(round((need("visual.positional_embedding").shape[0] - 1) ** 0.5))
     text_width = need("ln_final.weight").shape[0]
+    for name, width in (("text", text_width), ("vision", vision_width)):
+        if width % _HEAD_WIDTH:
+            raise EntityClipError(f"the {name} tower is {width} wide, not a multiple of {_HEAD_WIDTH}: OpenAI CLIP "
+                                  "has one attention head per 64 channels, so this is no OpenAI-layout CLIP")
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
     text = TextConfig(vocab_size=need("token_embedding.weight").shape[0], hidden_size=text_width,
                       intermediate_size=4 * text_width,

@@ -65,9 +65,24 @@ def tower_source(config):
     return load_towers(init)
 
 
+def release_heads(config, model):
+    """The experts, gates and ITM head of an EntityCLIP release checkpoint named by
+    model.init (a .pt of the authors' code), or None when it holds towers only."""
+    import os
+    init = config.model.init
+    if model.mode != "entityclip" or init in PRESETS or not os.path.isfile(init):
+        return None
+    from entityclip_jax.convert.openai import read_openai_checkpoint
+    from entityclip_jax.convert.release import release_heads_to_flax, split_release_state_dict
+    _, heads = split_release_state_dict(read_openai_checkpoint(init))
+    return release_heads_to_flax(heads, model.heads, model.clip.projection_dim) if heads else None
+
+
 def init_entityclip(rng, config):
     """(EntityCLIP, params) for a training config: towers from config.model.init,
-    heads freshly initialised with the release's initialisation."""
+    heads from it too when it is an EntityCLIP release checkpoint (so a model
+    trained with the authors' code continues here), else freshly initialised
+    with the release's initialisation."""
     from entityclip_jax.models.clip import init_params
     clip_config, tower_params = tower_source(config)
     model = model_from_config(config, clip_config)
@@ -76,7 +91,9 @@ def init_entityclip(rng, config):
         tower_params = init_params(clip_config, tower_rng)
     params = {"clip": tower_params}
     if model.mode == "entityclip":
-        params["heads"] = init_heads(heads_rng, model.heads, clip_config.projection_dim)
+        params["heads"] = release_heads(config, model)
+        if params["heads"] is None:
+            params["heads"] = init_heads(heads_rng, model.heads, clip_config.projection_dim)
     return model, params
 
 
