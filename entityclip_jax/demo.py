@@ -143,12 +143,11 @@ def run(args):
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
 
     _stage("6. export to Hugging Face (PyTorch) and parity check")
-    from entityclip_jax.convert.hf import save_hf_checkpoint
     from entityclip_jax.convert.verify import compare_with_transformers
     from entityclip_jax.models.loading import load_towers
     export_dir = os.path.join(workdir, "hf_export")
     config_, params = load_towers(runs["entityclip"])
-    save_hf_checkpoint(params, config_, export_dir, source_dir=tokenizer_dir, overwrite=True)
+    _check(cli(["export-hf", runs["entityclip"], export_dir, "--tokenizer-from", tokenizer_dir, "--overwrite"]))
     parity = compare_with_transformers(params, config_, export_dir)
 
     _stage(f"summary ({time.time() - started:.0f} s)")

@@ -23,3 +23,23 @@ def test_quick_demo_runs_every_stage_and_leaves_real_artefacts(tmp_path, capsys)
     assert {"config.json", "model.safetensors", "vocab.json"} <= set(os.listdir(workdir / "hf_export"))
     cache = [json.loads(line) for line in open(workdir / "explanations.jsonl")]
     assert len(cache) == 96 + 32 + 32 + 6 and all(r["status"] == "ok" for r in cache)
+    _resume_from_export(workdir)
+
+
+def _resume_from_export(workdir):
+    """`entityclip train --config.model.init=EXPORT` starts from exactly the trained towers and heads."""
+    import pathlib
+
+    import jax
+    import numpy as np
+
+    from entityclip_jax.config import load_config
+    from entityclip_jax.models.entityclip import init_entityclip
+    from entityclip_jax.train.checkpoint import restore_params
+
+    assert "entityclip_heads.safetensors" in os.listdir(workdir / "hf_export")
+    config = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_cpu.py"),
+                         [f"--config.model.init={workdir / 'hf_export'}"])
+    _, params = init_entityclip(jax.random.key(1), config)
+    _, trained = restore_params(str(workdir / "run_entityclip"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, trained)

@@ -37,11 +37,26 @@ def run_export_hf(args):
     config, params = load_towers(args.checkpoint)
     _progress(f"writing {_count(params):,} parameters to {args.out}")
     save_hf_checkpoint(params, config, args.out, source_dir=args.tokenizer_from, overwrite=args.overwrite)
+    heads = _training_heads(args.checkpoint)
+    if heads is not None:
+        from entityclip_jax.convert.heads_file import save_heads
+        _progress(f"saved the experts beside it for resuming: {save_heads(heads, args.out)}")
     if not args.no_verify:
         from entityclip_jax.convert.verify import compare_with_transformers
         diff = compare_with_transformers(params, config, args.out)
         _progress(f"verified with transformers: max |embedding difference| = {diff:.2e}")
     _progress(f"done: {args.out}")
+
+
+def _training_heads(checkpoint):
+    """The EntityCLIP heads of a training workdir or step directory, else None."""
+    import os
+    if not os.path.isdir(checkpoint) or not (os.path.isdir(os.path.join(checkpoint, "checkpoints"))
+                                             or os.path.isdir(os.path.join(checkpoint, "state"))):
+        return None
+    from entityclip_jax.train.checkpoint import restore_params
+    params = restore_params(checkpoint)[1]
+    return params.get("heads")
 
 
 def configure_import_openai(parser):

@@ -66,11 +66,18 @@ def tower_source(config):
 
 
 def release_heads(config, model):
-    """The experts, gates and ITM head of an EntityCLIP release checkpoint named by
-    model.init (a .pt of the authors' code), or None when it holds towers only."""
+    """The experts, gates and ITM head that model.init brings: an EntityCLIP release
+    checkpoint (a .pt of the authors' code) or an `entityclip export-hf` directory;
+    None when it holds towers only."""
     import os
     init = config.model.init
-    if model.mode != "entityclip" or init in PRESETS or not os.path.isfile(init):
+    if model.mode != "entityclip" or init in PRESETS:
+        return None
+    from entityclip_jax.convert.heads_file import has_heads, load_heads
+    if os.path.isdir(init) and has_heads(init):  # an `entityclip export-hf` directory
+        return load_heads(init, jax.eval_shape(
+            lambda: init_heads(jax.random.key(0), model.heads, model.clip.projection_dim)))
+    if not os.path.isfile(init):
         return None
     from entityclip_jax.convert.openai import read_openai_checkpoint
     from entityclip_jax.convert.release import release_heads_to_flax, split_release_state_dict
