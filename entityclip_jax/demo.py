@@ -143,12 +143,9 @@ def run(args):
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
 
     _stage("6. export to Hugging Face (PyTorch) and parity check")
-    from entityclip_jax.convert.verify import compare_with_transformers
-    from entityclip_jax.models.loading import load_towers
+    from entityclip_jax.convert.commands import export
     export_dir = os.path.join(workdir, "hf_export")
-    config_, params = load_towers(runs["entityclip"])
-    _check(cli(["export-hf", runs["entityclip"], export_dir, "--tokenizer-from", tokenizer_dir, "--overwrite"]))
-    parity = compare_with_transformers(params, config_, export_dir)
+    parity = export(runs["entityclip"], export_dir, tokenizer_from=tokenizer_dir, overwrite=True)
 
     _stage(f"summary ({time.time() - started:.0f} s)")
     print(f"Recall@K on the test split ({metrics['entityclip']['num_texts']} pairs; same towers, data, "

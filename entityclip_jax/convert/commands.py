@@ -31,32 +31,39 @@ def configure_export_hf(parser):
 
 
 def run_export_hf(args):
+    export(args.checkpoint, args.out, tokenizer_from=args.tokenizer_from, overwrite=args.overwrite,
+           verify=not args.no_verify)
+
+
+def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
+    """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
+    go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
     from entityclip_jax.convert.hf import save_hf_checkpoint
-    from entityclip_jax.models.loading import load_towers
-    _progress(f"reading {args.checkpoint}")
-    config, params = load_towers(args.checkpoint)
-    _progress(f"writing {_count(params):,} parameters to {args.out}")
-    save_hf_checkpoint(params, config, args.out, source_dir=args.tokenizer_from, overwrite=args.overwrite)
-    heads = _training_heads(args.checkpoint)
+    _progress(f"reading {checkpoint}")
+    config, params, heads = _towers_and_heads(checkpoint)
+    _progress(f"writing {_count(params):,} parameters to {out}")
+    save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite)
     if heads is not None:
         from entityclip_jax.convert.heads_file import save_heads
-        _progress(f"saved the experts beside it for resuming: {save_heads(heads, args.out)}")
-    if not args.no_verify:
+        _progress(f"saved the experts beside it for resuming: {save_heads(heads, out)}")
+    diff = None
+    if verify:
         from entityclip_jax.convert.verify import compare_with_transformers
-        diff = compare_with_transformers(params, config, args.out)
+        diff = compare_with_transformers(params, config, out)
         _progress(f"verified with transformers: max |embedding difference| = {diff:.2e}")
-    _progress(f"done: {args.out}")
+    _progress(f"done: {out}")
+    return diff
 
 
-def _training_heads(checkpoint):
-    """The EntityCLIP heads of a training workdir or step directory, else None."""
+def _towers_and_heads(checkpoint):
+    """(config, tower params, heads or None); a training run is read once, heads included."""
     import os
-    if not os.path.isdir(checkpoint) or not (os.path.isdir(os.path.join(checkpoint, "checkpoints"))
-                                             or os.path.isdir(os.path.join(checkpoint, "state"))):
-        return None
-    from entityclip_jax.train.checkpoint import restore_params
-    params = restore_params(checkpoint)[1]
-    return params.get("heads")
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")) or os.path.isdir(os.path.join(checkpoint, "state")):
+        from entityclip_jax.train.checkpoint import restore_params
+        config, params = restore_params(checkpoint)
+        return config, params["clip"], params.get("heads")
+    from entityclip_jax.models.loading import load_towers
+    return (*load_towers(checkpoint), None)
 
 
 def configure_import_openai(parser):

@@ -19,22 +19,20 @@ def hf_key(path):
     return ".".join(path[:-1] + (_LEAF_TO_HF.get(path[-1], path[-1]),))
 
 
+# Flax kernel axes -> PyTorch weight axes, by kernel rank (Dense, Conv).
+_TO_HF_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+
+
 def to_hf_layout(path, value):
     value = np.asarray(value)
-    if path[-1] == "kernel" and value.ndim == 2:
-        return value.T
-    if path[-1] == "kernel" and value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)
-    return value
+    axes = _TO_HF_AXES.get(value.ndim) if path[-1] == "kernel" else None
+    return value if axes is None else value.transpose(axes)
 
 
 def from_hf_layout(path, value):
     value = np.asarray(value)
-    if path[-1] == "kernel" and value.ndim == 2:
-        return value.T
-    if path[-1] == "kernel" and value.ndim == 4:
-        return value.transpose(2, 3, 1, 0)
-    return value
+    axes = _TO_HF_AXES.get(value.ndim) if path[-1] == "kernel" else None
+    return value if axes is None else value.transpose(np.argsort(axes))
 
 
 def flax_to_state_dict(params):
