@@ -42,10 +42,14 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
-    save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite)
+    extra = None
     if heads is not None:
         from entityclip_jax.convert.heads_file import save_heads
-        _progress(f"saved the experts beside it for resuming: {save_heads(heads, out)}")
+        extra = lambda directory: save_heads(heads, directory)  # noqa: E731
+    save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite,
+                       protect=(checkpoint,), extra=extra)
+    if heads is not None:
+        _progress("saved the experts beside it for resuming")
     diff = None
     if verify:
         from entityclip_jax.convert.verify import compare_with_transformers
