@@ -75,13 +75,16 @@ def configure_import_openai(parser):
     parser.add_argument("out", help="new towers directory")
     parser.add_argument("--ignore-extra", action="store_true",
                         help="drop keys outside the CLIP towers (e.g. EntityCLIP experts)")
+    parser.add_argument("--trust-torchscript", action="store_true",
+                        help="let torch.jit.load run a TorchScript archive whose tensors cannot be read "
+                             "without running it (its code runs: only for files you trust)")
 
 
 def run_import_openai(args):
     from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
     from entityclip_jax.models.loading import save_towers
     _progress(f"reading {args.source}")
-    config, params = openai_to_flax(read_openai_checkpoint(args.source), source=args.source,
+    config, params = openai_to_flax(read_openai_checkpoint(args.source, args.trust_torchscript), source=args.source,
                                     allow_extra=args.ignore_extra)
     _progress(f"converted {_count(params):,} parameters; writing {args.out}")
     save_towers(params, config, args.out)
