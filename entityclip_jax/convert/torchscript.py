@@ -45,6 +45,10 @@ class _Module:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    size, stride = tuple(size), tuple(stride)
+    if (len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride)
+            or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= len(storage))):
+        raise NotReadable(f"a tensor of shape {size} reaches outside its storage")  # as_strided does not check
     itemsize = storage.itemsize
     return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                            strides=tuple(s * itemsize for s in stride)).copy()
