@@ -16,7 +16,6 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 
-from entityclip_jax.errors import EntityClipError
 
 _DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
            "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
