@@ -76,3 +76,17 @@ def test_torchscript_code_never_runs_without_the_trust_flag(tmp_path, capsys):
     # The flag does run it (which is why it is a flag): the trap is real.
     read_openai_checkpoint(str(tmp_path / "trap.pt"), trust_torchscript=True)
     assert written.exists()
+
+
+def test_a_tensor_reaching_outside_its_storage_is_refused(tmp_path):
+    """as_strided would read past the buffer: a crafted archive must not leak or crash."""
+    import zipfile
+    torch.jit.save(torch.jit.script(torch.nn.Linear(64, 64)), tmp_path / "good.pt")
+    with zipfile.ZipFile(tmp_path / "good.pt") as src, zipfile.ZipFile(tmp_path / "short.pt", "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if "/data/" in item.filename and len(data) > 64 * 4:
+                data = data[:16]  # the weight's storage, cut to 4 floats
+            dst.writestr(item, data)
+    with pytest.raises(EntityClipError, match="reaches outside its storage"):
+        read_openai_checkpoint(str(tmp_path / "short.pt"))
