@@ -68,3 +68,16 @@ def test_export_modes_follow_the_umask(tiny_hf_dir, tmp_path):
     assert "vocab.json" in names and "model.safetensors" in names
     for name in names:
         assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o644, name
+
+
+@pytest.mark.parametrize("dest", ["run", "parent", "checkpoints"])
+def test_overwrite_refuses_the_training_run_before_reading_it(tmp_path, capsys, dest):
+    run = tmp_path / "runs" / "run1"
+    (run / "checkpoints" / "100").mkdir(parents=True)
+    (run / "checkpoints" / "100" / "state").write_bytes(b"weeks of training")
+    (run / "train_config.json").write_text("{}")
+    before = _files(tmp_path)
+    target = {"run": run, "parent": tmp_path / "runs", "checkpoints": run / "checkpoints"}[dest]
+    assert _export(run, target) == 2  # refused before the (here unreadable) run is read
+    assert "being exported" in capsys.readouterr().err
+    assert _files(tmp_path) == before

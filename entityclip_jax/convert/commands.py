@@ -1,4 +1,5 @@
 """CLI: `entityclip import-hf`, `export-hf`, `import-openai`."""
+import os
 import time
 
 
@@ -38,7 +39,8 @@ def run_export_hf(args):
 def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
-    from entityclip_jax.convert.hf import save_hf_checkpoint
+    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint
+    check_export_destination(os.path.abspath(out), overwrite, (checkpoint, tokenizer_from))  # before a long read
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
@@ -61,7 +63,6 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
 
 def _towers_and_heads(checkpoint):
     """(config, tower params, heads or None); a training run is read once, heads included."""
-    import os
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")) or os.path.isdir(os.path.join(checkpoint, "state")):
         from entityclip_jax.train.checkpoint import restore_params
         config, params = restore_params(checkpoint)

@@ -118,16 +118,13 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
     Tokenizer and preprocessor files are copied from source_dir when it has
     them; extra(directory) may add files of its own (the experts). The
     directory appears atomically: written beside, then renamed. overwrite
-    replaces only an earlier export of ours (see _check_replaceable), never a
+    replaces only an earlier export of ours (see check_export_destination), never a
     path in `protect` (what is being exported), a directory holding one, or one inside one.
     Modes follow the umask, as save_pretrained's do (mkdtemp's 0700 would hide the export).
     """
     from safetensors.numpy import save_file
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir):
-        if not overwrite:
-            raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
-        _check_replaceable(out_dir, [p for p in (*protect, source_dir) if p])
+    check_export_destination(out_dir, overwrite, (*protect, source_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".export-{secrets.token_hex(6)}")
@@ -155,9 +152,15 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
     return out_dir
 
 
-def _check_replaceable(out_dir, protect):
-    """Refuses to replace anything but an earlier export: a directory with our marker
-    holding only the files the marker lists, none of them the source's."""
+def check_export_destination(out_dir, overwrite=False, protect=()):
+    """Refuses an existing out_dir unless overwrite and it is an earlier export: a directory
+    with our marker holding only the files the marker lists, and no path of `protect`
+    (the source) is it, holds it or lies inside it. Cheap: export-hf calls it before reading."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
+    protect = [p for p in protect if p]
     real = os.path.realpath(out_dir)
     for path in protect:
         other = os.path.realpath(path)
