@@ -5,7 +5,10 @@ usually starts from default_config() below, which documents every knob.
 `load_config("configs/n24news.py:b16", ["--config.batch_size=64"])` reads one
 the way ml_collections' config_flags does (the ":b16" part is get_config's arg).
 """
+import difflib
+import json
 import os
+import re
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -117,8 +120,153 @@ def load_config(spec, overrides=()):
     except flags.Error as err:
         raise EntityClipError(f"cannot load config {spec!r} with overrides {list(overrides)}: {err}") from None
     except (KeyError, AttributeError, ValueError, TypeError) as err:
+        unknown = _unknown_override(spec, overrides) if isinstance(err, (KeyError, AttributeError)) else None
+        if unknown:
+            raise EntityClipError(unknown) from None
         raise EntityClipError(f"bad config override in {list(overrides)}: {err}; "
                               "see entityclip_jax/config.py for the knobs") from None
+
+
+def _unknown_override(spec, overrides):
+    """'unknown config key X (did you mean Y?)' for the first override naming no knob, or None."""
+    known = _key_paths(load_config(spec))
+    for override in overrides:
+        key = override[len("--config."):].split("=", 1)[0]
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            leaf = key.rsplit(".", 1)[-1]
+            close = (sorted((k for k in known if k.rsplit(".", 1)[-1] == leaf), key=len)
+                     or difflib.get_close_matches(key, known, n=1))
+            hint = f"did you mean --config.{close[0]}?" if close else "see entityclip_jax/config.py for the knobs"
+            return f"unknown config key {key!r} in {override}; {hint}"
+    return None
+
+
+def _key_paths(config, prefix=""):
+    paths = set()
+    for key, value in config.items():
+        paths.add(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            paths |= _key_paths(value, f"{prefix}{key}.")
+    return paths
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+SHARDING_STRATEGIES = ("replicate", "fsdp")
+
+
+def validate_config(config, device_count=None):
+    """Every knob checked before any data is read; the first problem as one EntityClipError line.
+
+    device_count: jax.device_count() unless given (the global batch is split over all devices).
+    """
+    def fail(message):
+        raise EntityClipError(message)
+
+    if config.model.dtype not in DTYPES:
+        fail(f"model.dtype {config.model.dtype!r} is not one of {DTYPES}")
+    _check_mesh(config.mesh)
+    for name, patterns in (("optimizer.freeze", config.optimizer.freeze),
+                           ("optimizer.lr_multipliers", [p for p, _ in _pairs(config.optimizer.lr_multipliers,
+                                                                              "optimizer.lr_multipliers")]),
+                           ("sharding.rules", [p for p, _ in _pairs(config.sharding.rules, "sharding.rules")])):
+        if isinstance(patterns, str):
+            fail(f"{name} must be a tuple of regexes, got the string {patterns!r}; write ({patterns!r},)")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as err:
+                fail(f"{name}: {pattern!r} is not a valid regex ({err})")
+    for pattern, multiplier in _pairs(config.optimizer.lr_multipliers, "optimizer.lr_multipliers"):
+        if not isinstance(multiplier, (int, float)) or not multiplier >= 0:
+            fail(f"optimizer.lr_multipliers: the multiplier of {pattern!r} must be a number >= 0, got {multiplier!r}")
+    for pattern, strategy in _pairs(config.sharding.rules, "sharding.rules"):
+        if strategy not in SHARDING_STRATEGIES:
+            fail(f"sharding.rules: {pattern!r} -> {strategy!r}; the strategy must be one of {SHARDING_STRATEGIES}")
+    if not config.optimizer.learning_rate >= 0:  # also refuses NaN
+        fail(f"optimizer.learning_rate must be >= 0, got {config.optimizer.learning_rate}")
+    if config.num_train_steps == 0 or config.num_train_steps < -1:
+        fail(f"num_train_steps must be > 0 (or -1: use num_epochs), got {config.num_train_steps}")
+    if config.num_train_steps == -1 and config.num_epochs < 1:
+        fail(f"num_epochs must be >= 1, got {config.num_epochs} (or set num_train_steps > 0)")
+    for name in ("checkpoint.every_steps", "log.every_steps", "accumulation_steps"):
+        if _get(config, name) < 1:
+            fail(f"{name} must be >= 1, got {_get(config, name)}")
+    if config.batch_size < 1:
+        fail(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.batch_size % config.accumulation_steps:
+        fail(f"batch_size {config.batch_size} does not split into accumulation_steps={config.accumulation_steps} "
+             "micro-batches; make it a multiple")
+    if device_count is None:
+        import jax  # heavy; the count is what the batch is split over
+        device_count = jax.device_count()
+    if config.batch_size % device_count:
+        fail(f"batch_size {config.batch_size} does not split over the {device_count} devices; use a multiple of "
+             f"{device_count}, e.g. --config.batch_size={max(1, config.batch_size // device_count) * device_count}")
+    _check_context_length(config)
+    return config
+
+
+def _get(config, dotted):
+    for key in dotted.split("."):
+        config = config[key]
+    return config
+
+
+def _pairs(value, name):
+    if isinstance(value, str) or any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in value):
+        raise EntityClipError(f"{name} must be a tuple of (regex, value) pairs, got {value!r}")
+    return list(value)
+
+
+def _check_mesh(mesh):
+    if isinstance(mesh, str) or not mesh:
+        raise EntityClipError(f"mesh must be ((axis name, size), ...), e.g. (('data', -1), ('fsdp', 1)); got {mesh!r}")
+    for axis in mesh:
+        if (not isinstance(axis, (tuple, list)) or len(axis) != 2 or not isinstance(axis[0], str)
+                or not isinstance(axis[1], int) or not (axis[1] >= 1 or axis[1] == -1)):
+            raise EntityClipError(f"mesh axis {axis!r} is not (name, size) with size >= 1 or -1; "
+                                  "write e.g. --config.mesh=\"(('data', -1), ('fsdp', 2))\"")
+    names = [name for name, _ in mesh]
+    if len(set(names)) != len(names):
+        raise EntityClipError(f"mesh {tuple(mesh)} repeats an axis name")
+    if sum(size == -1 for _, size in mesh) > 1:
+        raise EntityClipError(f"mesh {tuple(mesh)} has more than one axis of size -1; give all but one a size")
+
+
+def _check_context_length(config):
+    """Records tokenised longer than the text tower has positions would fail only at the first step."""
+    from entityclip_jax.data.records import META_FILE
+    data_dir = config.data.dir
+    if not data_dir or not os.path.isfile(os.path.join(data_dir, META_FILE)):
+        return  # the data checks report it
+    positions = _text_positions(config.model.init)
+    try:
+        with open(os.path.join(data_dir, META_FILE)) as f:
+            length = int(json.load(f)["context_length"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return  # read_meta reports a damaged meta file with its fix
+    if positions is not None and length > positions:
+        raise EntityClipError(f"the records in {data_dir} hold {length} tokens per text, but the text tower of "
+                              f"{config.model.init!r} has {positions} positions; write the records with "
+                              f"--context-length {positions}")
+
+
+def _text_positions(init):
+    """max_position_embeddings of model.init when cheap to know (preset or config file), else None."""
+    from entityclip_jax.models.clip_config import PRESETS
+    if init in PRESETS:
+        return PRESETS[init].text.max_position_embeddings
+    for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
+                       ("config.json", ("text_config", "max_position_embeddings"))):
+        try:
+            with open(os.path.join(str(init), name)) as f:
+                value = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for key in path:
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        return value if isinstance(value, int) else 77  # transformers' CLIPTextConfig default
+    return None
 
 
 def heads_config(config):

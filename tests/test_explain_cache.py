@@ -217,3 +217,19 @@ def test_cli_explain_import(tmp_path, capsys):
     assert cache.read_explanations(out)[0] == {"images/1.jpg": "One.", "2.jpg": "Two."}
     assert main(["explain-import", "--capdsc", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_last_record_missing_only_its_newline_is_kept(tmp_path):
+    path = tmp_path / "c.jsonl"
+    meta = dict(backend="b", model="m", prompt_version="v")
+    with cache.CacheWriter(path) as writer:
+        writer.write(cache.make_record("1", "q1", "first", **meta))
+    last = json.dumps(cache.make_record("2", "q2", "second", **meta))
+    with open(path, "a") as f:
+        f.write(last)  # e.g. a file edited by hand, or copied without its final newline
+    assert cache.read_explanations(path)[0] == {"1": "first", "2": "second"}
+    with cache.CacheWriter(path) as writer:  # the writer keeps it and appends after it
+        assert writer.torn_bytes == 0
+        writer.write(cache.make_record("3", "q3", "third", **meta))
+    assert cache.read_explanations(path)[0] == {"1": "first", "2": "second", "3": "third"}
+    assert path.read_text().splitlines()[1] == last

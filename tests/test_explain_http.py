@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -309,3 +310,32 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def test_request_deadline_stops_a_server_that_drips_bytes():
+    """Each byte arrives well within --read-timeout, but the answer would take minutes."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            while not stop.wait(0.05):
+                conn.sendall(b" ")
+        except OSError:
+            pass
+        conn.close()
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    backend = OpenAIHTTPBackend(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", "fake-model",
+                                read_timeout=1.0, request_timeout=1.5, retries=0)
+    start = time.monotonic()
+    [generation] = backend.generate(["Caption: drip"], chat=True, max_new_tokens=8)
+    elapsed = time.monotonic() - start
+    stop.set()
+    listener.close()
+    assert generation.error == "timeout" and elapsed < 4, (generation, elapsed)

@@ -130,7 +130,7 @@ def test_truncated_shard_is_named_or_skipped(data_dir, tmp_path, caplog):
     shutil.copytree(data_dir, damaged)
     victim = damaged / records.read_meta(damaged)["splits"]["test"]["shards"][1]["file"]
     victim.write_bytes(victim.read_bytes()[:-50])
-    with pytest.raises(EntityClipError, match=victim.name):
+    with pytest.raises(EntityClipError, match=f"{victim.name}.*entityclip write-records --split test"):
         eval_batches(damaged, 0, 1)
     with caplog.at_level(logging.WARNING):
         batches = eval_batches(damaged, 0, 1, skip_corrupt_shards=True)
@@ -147,8 +147,12 @@ def test_corrupt_record_inside_a_shard_is_a_clear_error(data_dir, tmp_path):
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, bad CRC
     victim.write_bytes(bytes(data))
-    with pytest.raises(EntityClipError, match="corrupt.*verify_shards"):
+    with pytest.raises(EntityClipError, match=f"shard {victim} is corrupt.*entityclip write-records --split test"):
         eval_batches(damaged, 0, 1)
+    ds = pipeline.make_dataset(damaged, "test", batch_size=3, image_size=32, train=False,
+                               process_index=0, process_count=1)
+    with pytest.raises(EntityClipError, match=f"shard {victim} is corrupt"):  # also after skip/take
+        list(pipeline.numpy_batches(ds.skip(0).take(100)))
     problems = pipeline.verify_shards(damaged, "test")
     assert [file for file, _ in problems] == [str(victim)]
     assert pipeline.verify_shards(data_dir, "test") == []

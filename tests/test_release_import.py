@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 from torch import nn
 
 from entityclip_jax.convert.release import (
@@ -156,7 +157,6 @@ def test_release_checkpoint_initialises_training(tmp_path):
     import pathlib
 
     from entityclip_jax.config import load_config
-    from entityclip_jax.convert.openai import openai_to_flax
     from entityclip_jax.models.entityclip import init_entityclip
     from entityclip_jax.models.loading import load_towers
     from tests.test_convert import openai_state_dict_from_hf, tiny_openai_model
@@ -174,9 +174,59 @@ def test_release_checkpoint_initialises_training(tmp_path):
         config.heads.num_image_experts, config.heads.num_explanation_experts = N_V, N_S
         config.heads.num_text_experts = N_T
     model, params = init_entityclip(jax.random.key(0), config)
-    expected_heads = release_heads_to_flax({k: v for k, v in state.items() if k in heads.state_dict()}, CFG)
-    _, expected_towers = openai_to_flax({k: v for k, v in state.items() if k not in heads.state_dict()})
-    for got, want in ((params["heads"], expected_heads), (params["clip"], expected_towers)):
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+    heads_state = {k: v.numpy() for k, v in heads.state_dict().items()}
+    got = traverse_util.flatten_dict(jax.device_get(params["heads"]), sep="/")
+    want = expected_heads(heads_state, 24)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[key]), value, err_msg=key)
     _, towers = load_towers(str(path))
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), towers, expected_towers)
+    for tree in (params["clip"], towers):
+        flat = traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+        for key, value in expected_tower_samples(state).items():
+            np.testing.assert_array_equal(np.asarray(flat[key]), value, err_msg=key)
+
+
+def expected_heads(sd, d):
+    """Our heads tree straight from the release's tensors (nn.Linear weights are [out, in]: kernels are .T)."""
+    out = {}
+    for ours, theirs in (("image_experts", "vision_expert"), ("explanation_experts", "share_expert"),
+                         ("text_experts", "text_expert")):
+        count = len({k.split(".")[0] for k in sd if k.startswith(theirs + "_")})
+        stack = lambda fn: np.stack([fn(f"{theirs}_{i}.") for i in range(count)])  # noqa: E731
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{ours}/self_attn/{name}/kernel"] = stack(lambda p: sd[p + "attn.in_proj_weight"][j * d:(j + 1) * d].T)
+            out[f"{ours}/self_attn/{name}/bias"] = stack(lambda p: sd[p + "attn.in_proj_bias"][j * d:(j + 1) * d])
+        for flax_name, torch_name in (("self_attn/out_proj", "attn.out_proj"), ("mlp/fc1", "mlp.c_fc"),
+                                      ("mlp/fc2", "mlp.c_proj")):
+            out[f"{ours}/{flax_name}/kernel"] = stack(lambda p: sd[f"{p}{torch_name}.weight"].T)
+            out[f"{ours}/{flax_name}/bias"] = stack(lambda p: sd[f"{p}{torch_name}.bias"])
+        for flax_name, torch_name in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2")):
+            out[f"{ours}/{flax_name}/scale"] = stack(lambda p: sd[f"{p}{torch_name}.weight"])
+            out[f"{ours}/{flax_name}/bias"] = stack(lambda p: sd[f"{p}{torch_name}.bias"])
+    for ours, theirs in (("image_gate", "weight_attn_vis"), ("text_gate", "weight_attn_txt"),
+                         ("itm_gate", "weight_full"), ("itm_head", "itm_head")):
+        out[f"{ours}/kernel"], out[f"{ours}/bias"] = sd[f"{theirs}.weight"].T, sd[f"{theirs}.bias"]
+    return out
+
+
+def expected_tower_samples(sd):
+    """One tensor of each kind of the OpenAI -> Flax tower mapping, straight from the state dict."""
+    w = sd["ln_final.weight"].shape[0]
+    block, vblock = "transformer.resblocks.0.", "visual.transformer.resblocks.1."
+    return {
+        "logit_scale": sd["logit_scale"],
+        "text_model/embeddings/token_embedding/embedding": sd["token_embedding.weight"],
+        "text_model/embeddings/position_embedding/embedding": sd["positional_embedding"],
+        "text_model/final_layer_norm/scale": sd["ln_final.weight"],
+        "text_projection/kernel": sd["text_projection"],  # OpenAI multiplies x @ proj already
+        "visual_projection/kernel": sd["visual.proj"],
+        "text_model/encoder/layers/0/self_attn/q_proj/kernel": sd[block + "attn.in_proj_weight"][:w].T,
+        "text_model/encoder/layers/0/self_attn/v_proj/bias": sd[block + "attn.in_proj_bias"][2 * w:],
+        "text_model/encoder/layers/0/mlp/fc1/kernel": sd[block + "mlp.c_fc.weight"].T,
+        "vision_model/encoder/layers/1/self_attn/k_proj/kernel":
+            sd[vblock + "attn.in_proj_weight"][w:2 * w].T,
+        "vision_model/embeddings/patch_embedding/kernel": sd["visual.conv1.weight"].transpose(2, 3, 1, 0),
+        "vision_model/embeddings/class_embedding": sd["visual.class_embedding"],
+        "vision_model/pre_layrnorm/scale": sd["visual.ln_pre.weight"],
+    }

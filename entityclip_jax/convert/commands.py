@@ -1,4 +1,5 @@
 """CLI: `entityclip import-hf`, `export-hf`, `import-openai`."""
+import os
 import time
 
 
@@ -38,14 +39,19 @@ def run_export_hf(args):
 def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
-    from entityclip_jax.convert.hf import save_hf_checkpoint
+    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint
+    check_export_destination(os.path.abspath(out), overwrite, (checkpoint, tokenizer_from))  # before a long read
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
-    save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite)
+    extra = None
     if heads is not None:
         from entityclip_jax.convert.heads_file import save_heads
-        _progress(f"saved the experts beside it for resuming: {save_heads(heads, out)}")
+        extra = lambda directory: save_heads(heads, directory)  # noqa: E731
+    save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite,
+                       protect=(checkpoint,), extra=extra)
+    if heads is not None:
+        _progress("saved the experts beside it for resuming")
     diff = None
     if verify:
         from entityclip_jax.convert.verify import compare_with_transformers
@@ -57,7 +63,6 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
 
 def _towers_and_heads(checkpoint):
     """(config, tower params, heads or None); a training run is read once, heads included."""
-    import os
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")) or os.path.isdir(os.path.join(checkpoint, "state")):
         from entityclip_jax.train.checkpoint import restore_params
         config, params = restore_params(checkpoint)
@@ -71,13 +76,16 @@ def configure_import_openai(parser):
     parser.add_argument("out", help="new towers directory")
     parser.add_argument("--ignore-extra", action="store_true",
                         help="drop keys outside the CLIP towers (e.g. EntityCLIP experts)")
+    parser.add_argument("--trust-torchscript", action="store_true",
+                        help="let torch.jit.load run a TorchScript archive whose tensors cannot be read "
+                             "without running it (its code runs: only for files you trust)")
 
 
 def run_import_openai(args):
     from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
     from entityclip_jax.models.loading import save_towers
     _progress(f"reading {args.source}")
-    config, params = openai_to_flax(read_openai_checkpoint(args.source), source=args.source,
+    config, params = openai_to_flax(read_openai_checkpoint(args.source, args.trust_torchscript), source=args.source,
                                     allow_extra=args.ignore_extra)
     _progress(f"converted {_count(params):,} parameters; writing {args.out}")
     save_towers(params, config, args.out)

@@ -8,8 +8,8 @@ renamed into place, so a failed export leaves nothing half-written.
 """
 import json
 import os
+import secrets
 import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -21,6 +21,8 @@ from entityclip_jax.models.clip_config import CLIPConfig
 # Files a CLIP checkpoint may carry besides weights; copied on export.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
               "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
+# Written into every export: `export-hf --overwrite` replaces only directories that hold it.
+EXPORT_MARKER = "entityclip_export.json"
 
 
 def read_hf_config(directory):
@@ -110,30 +112,73 @@ def load_hf_checkpoint(directory):
     return config, params
 
 
-def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False):
+def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False, protect=(), extra=None):
     """Write a CLIPModel directory (config.json + model.safetensors, fp32).
 
     Tokenizer and preprocessor files are copied from source_dir when it has
-    them. The directory appears atomically: written beside, then renamed.
+    them; extra(directory) may add files of its own (the experts). The
+    directory appears atomically: written beside, then renamed. overwrite
+    replaces only an earlier export of ours (see check_export_destination), never a
+    path in `protect` (what is being exported), a directory holding one, or one inside one.
+    Modes follow the umask, as save_pretrained's do (mkdtemp's 0700 would hide the export).
     """
     from safetensors.numpy import save_file
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
+    check_export_destination(out_dir, overwrite, (*protect, source_dir))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = os.path.join(parent, f".export-{secrets.token_hex(6)}")
+    os.mkdir(tmp)
     try:
         config.to_hf().save_pretrained(tmp)
         save_file(flax_to_state_dict(params), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         for name in SIDE_FILES if source_dir else ():
             if os.path.exists(os.path.join(source_dir, name)):
-                shutil.copy2(os.path.join(source_dir, name), tmp)
-        if os.path.exists(out_dir):
+                shutil.copyfile(os.path.join(source_dir, name), os.path.join(tmp, name))
+        if extra is not None:
+            extra(tmp)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+            json.dump({"written_by": "entityclip export-hf", "files": sorted(os.listdir(tmp))}, f, indent=1)
+        file_mode = os.stat(tmp).st_mode & 0o666  # mkdir applied the umask; safetensors writes 0600
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), file_mode)
+        if os.path.lexists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def check_export_destination(out_dir, overwrite=False, protect=()):
+    """Refuses an existing out_dir unless overwrite and it is an earlier export: a directory
+    with our marker holding only the files the marker lists, and no path of `protect`
+    (the source) is it, holds it or lies inside it. Cheap: export-hf calls it before reading."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
+    protect = [p for p in protect if p]
+    real = os.path.realpath(out_dir)
+    for path in protect:
+        other = os.path.realpath(path)
+        if os.path.commonpath([real, other]) in (real, other):
+            raise EntityClipError(f"--overwrite refused: {out_dir} is, holds or lies inside {path}, which is "
+                                  "being exported; choose a destination outside it")
+    marker = os.path.join(out_dir, EXPORT_MARKER)
+    if os.path.islink(out_dir) or not os.path.isfile(marker):
+        raise EntityClipError(f"--overwrite refused: {out_dir} is not an earlier `entityclip export-hf` "
+                              f"directory (no {EXPORT_MARKER}); choose a new destination or remove it yourself")
+    try:
+        with open(marker) as f:
+            ours = set(json.load(f)["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise EntityClipError(f"--overwrite refused: {marker} is unreadable ({err}); remove {out_dir} yourself")
+    foreign = sorted(name for name in os.listdir(out_dir)
+                     if name not in ours or not os.path.isfile(os.path.join(out_dir, name))
+                     or os.path.islink(os.path.join(out_dir, name)))
+    if foreign:
+        raise EntityClipError(f"--overwrite refused: {out_dir} holds files export-hf did not write, e.g. "
+                              f"{', '.join(foreign[:3])}; move them away or choose a new destination")

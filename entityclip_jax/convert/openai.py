@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from entityclip_jax.convert.layout import state_dict_to_flax
+from entityclip_jax.convert.torchscript import NotReadable, is_torchscript, read_torchscript_tensors
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip_config import CLIPConfig, TextConfig, VisionConfig
 
@@ -18,12 +19,14 @@ _TOWER_KEY = re.compile(r"^(visual\.|transformer\.|token_embedding\.|positional_
 _HEAD_WIDTH = 64  # OpenAI CLIP: heads = width // 64
 
 
-def read_openai_checkpoint(path):
+def read_openai_checkpoint(path, trust_torchscript=False):
     """A .pt/.pth/.bin/.safetensors file -> {key: fp32 array}, prefixes stripped.
 
-    Accepts TorchScript archives (OpenAI's downloads), plain state dicts, and
+    Accepts TorchScript archives (OpenAI's downloads; their tensors are read
+    without running their code, see torchscript.py), plain state dicts, and
     training checkpoints that nest them under state_dict / model_state_dict /
-    model, with or without DataParallel's 'module.' prefix.
+    model, with or without DataParallel's 'module.' prefix. Only
+    trust_torchscript lets torch.jit.load run an archive that cannot be read safely.
     """
     if not os.path.isfile(path):
         raise EntityClipError(f"{path} is not a file; pass an OpenAI-layout checkpoint (.pt/.pth/.safetensors)")
@@ -33,21 +36,36 @@ def read_openai_checkpoint(path):
             tensors = load_file(path)
         except Exception as err:
             raise EntityClipError(f"cannot read {path}: {err}") from None
+    elif is_torchscript(path):
+        tensors = _read_torchscript(path, trust_torchscript)
     else:
         tensors = _read_torch(path)
     return {k.removeprefix("module."): np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
+def _read_torchscript(path, trust):
+    try:
+        return read_torchscript_tensors(path)
+    except NotReadable as err:
+        if not trust:
+            raise EntityClipError(
+                f"{path} is a TorchScript archive whose tensors cannot be read without running its code "
+                f"({err}); use a Hugging Face CLIPModel directory or hub id (e.g. openai/clip-vit-base-patch32) "
+                f"instead, or, only if you trust the file, `entityclip import-openai {path} OUT "
+                "--trust-torchscript` and use OUT") from None
+    import torch  # heavy; only for an archive the user said to trust
+    try:
+        return {k: v.float().numpy() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
+    except Exception as err:
+        raise EntityClipError(f"cannot read {path} as a TorchScript archive: {err}") from None
+
+
 def _read_torch(path):
-    import torch
+    import torch  # heavy; only for .pt files
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        try:  # OpenAI's own downloads are TorchScript archives
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            raise EntityClipError(f"cannot read {path} as a weights-only state dict or a TorchScript "
-                                  f"archive: {err}") from None
+        raise EntityClipError(f"cannot read {path} as a weights-only state dict: {err}") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -38,7 +38,7 @@ def _split_meta(meta, data_dir, split):
     return meta["splits"][split]
 
 
-def _checked_shards(data_dir, split_meta, skip_corrupt_shards):
+def _checked_shards(data_dir, split, split_meta, skip_corrupt_shards):
     """[(path, num_examples)] of the split; a missing or truncated shard is an error (or skipped)."""
     shards = []
     for shard in split_meta["shards"]:
@@ -52,9 +52,13 @@ def _checked_shards(data_dir, split_meta, skip_corrupt_shards):
         elif skip_corrupt_shards:
             log.warning("%s; skipping its %d examples (skip_corrupt_shards=True)", problem, shard["num_examples"])
         else:
-            raise EntityClipError(f"{problem}; copy it again or rewrite the split with write-records, "
-                                  "or read without it with skip_corrupt_shards=True")
+            raise EntityClipError(f"{problem}; copy it again or rewrite the split with "
+                                  f"{_rewrite_hint(data_dir, split)}")
     return shards
+
+
+def _rewrite_hint(data_dir, split):
+    return f"`entityclip write-records --split {split} --out {data_dir} ...` (the command that wrote it)"
 
 
 def verify_shards(data_dir, split):
@@ -120,7 +124,7 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
     if batch_size < 1:
         raise EntityClipError(f"batch_size must be >= 1 per host, got {batch_size}")
     meta = records.read_meta(data_dir)
-    shards = _checked_shards(data_dir, _split_meta(meta, data_dir, split), skip_corrupt_shards)
+    shards = _checked_shards(data_dir, split, _split_meta(meta, data_dir, split), skip_corrupt_shards)
     if not shards:
         raise EntityClipError(f"split {split!r} of {data_dir} has no readable shards (nothing was written, "
                               "or every shard was skipped)")
@@ -163,7 +167,18 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
         padding = tf.data.Dataset.from_tensors(_padding(ds.element_spec))
         ds = ds.concatenate(padding.repeat(num_batches * batch_size - num_examples))
         ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(autotune)
+    ds = ds.prefetch(autotune)
+    ds._entityclip_source = (data_dir, split)  # numpy_batches names a corrupt shard with it
+    return ds
+
+
+def _source_of(ds):
+    """(data_dir, split) of a make_dataset result, also through later .skip()/.take()."""
+    for _ in range(64):
+        if ds is None or hasattr(ds, "_entityclip_source"):
+            return getattr(ds, "_entityclip_source", None)
+        ds = getattr(ds, "_input_dataset", None)
+    return None
 
 
 def _padding(element_spec):
@@ -184,9 +199,14 @@ def numpy_batches(ds):
         except StopIteration:
             return
         except tf.errors.DataLossError as err:
-            raise EntityClipError(f"a shard of this dataset is corrupt ({err.message.split('}}')[-1].strip()}); "
-                                  "pipeline.verify_shards(data_dir, split) names it; copy it again or rewrite "
-                                  "the split with write-records")
+            reason = err.message.split("}}")[-1].split("[Op:")[0].strip()
+            source = _source_of(ds)
+            if source is None:
+                raise EntityClipError(f"a shard of this dataset is corrupt ({reason}); copy it again or "
+                                      "rewrite the split with `entityclip write-records`") from None
+            damaged = [file for file, _ in verify_shards(*source)] or [f"a shard of {source[0]}"]
+            raise EntityClipError(f"shard {damaged[0]} is corrupt ({reason}); copy it again or rewrite the "
+                                  f"split with {_rewrite_hint(*source)}") from None
         except tf.errors.InvalidArgumentError as err:
             raise EntityClipError(f"a record could not be decoded ({err.message}); the shard is damaged "
                                   "or was not written by write-records")

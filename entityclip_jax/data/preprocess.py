@@ -14,6 +14,8 @@ a quarter of the bytes over PCIe and less host work).
 Import TensorFlow only through functions here: the module is imported by
 light code paths too.
 """
+import io
+
 import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,6 +32,47 @@ def normalize(pixels):
     On device with uint8 batches: normalize(batch["pixel_values"].astype(jnp.float32)).
     """
     return (pixels - _SHIFT) * _SCALE
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def exif_upright(image):
+    """A PIL image turned as its EXIF orientation says (phone photos), and whether it was turned.
+
+    TensorFlow's decoders ignore EXIF, so records and search indexes store and
+    read upright pixels instead: this is the one place both apply it.
+    """
+    from PIL import ImageOps
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
+        return image, False
+    return ImageOps.exif_transpose(image), True
+
+
+def upright_image_bytes(data, jpeg_quality=90):
+    """Encoded image bytes -> the same bytes, or an upright re-encoding when EXIF turns the image."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            turned, changed = exif_upright(image)
+            if not changed:
+                return data
+            out = io.BytesIO()
+            if image.format == "PNG":
+                turned.save(out, format="PNG")
+            else:
+                turned.convert("RGB").save(out, format="JPEG", quality=jpeg_quality)
+            return out.getvalue()
+    except Exception:  # PIL raises many types for bad bytes; the decoder reports them as before
+        return data
+
+
+def read_image_file(path):
+    """tf.io.read_file with the EXIF orientation applied (a tf.string scalar), for tf.data maps."""
+    import tensorflow as tf
+    data = tf.numpy_function(upright_image_bytes, [tf.io.read_file(path)], tf.string, stateful=False)
+    data.set_shape([])
+    return data
 
 
 def resized_short_side(height, width, size):

@@ -31,10 +31,13 @@ import datetime
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pathlib
 import shutil
+import threading
 
+from entityclip_jax.data.preprocess import exif_upright
 from entityclip_jax.errors import EntityClipError
 
 SCHEMA_VERSION = 1
@@ -69,7 +72,8 @@ def check_image(data, max_side=None, jpeg_quality=90):
     Decodes fully with PIL (verify() finds broken structure, load() truncated
     data). JPEG/PNG in modes TF decodes are kept byte for byte; other formats
     or modes (CMYK, 16-bit, WebP, GIF, ...) are re-encoded as RGB JPEG, and so
-    are images whose longer side exceeds max_side (resized to max_side, bicubic).
+    are images whose longer side exceeds max_side (resized to max_side, bicubic)
+    and images that EXIF turns (phone photos; stored upright, TF ignores EXIF).
     """
     from PIL import Image
     try:
@@ -83,8 +87,9 @@ def check_image(data, max_side=None, jpeg_quality=90):
         return None, f"corrupt_image: empty image {image.size}"
     keep = ((image.format == "JPEG" and image.mode in ("RGB", "L"))
             or (image.format == "PNG" and image.mode in ("RGB", "RGBA", "L", "LA", "P")))
+    image, turned = exif_upright(image)
     too_big = max_side is not None and max(image.size) > max_side
-    if keep and not too_big:
+    if keep and not too_big and not turned:
         return data, None
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -151,7 +156,7 @@ def _ordered_map(fn, items, workers, *args):
             yield item, fn(item, *args)
         return
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent) as pool:
         pending = collections.deque()
         for item in items:
             pending.append((item, pool.submit(fn, item, *args)))
@@ -161,6 +166,49 @@ def _ordered_map(fn, items, workers, *args):
         while pending:
             item, future = pending.popleft()
             yield item, future.result()
+
+
+def _exit_with_parent():
+    """Worker initializer: a parent killed with SIGKILL cannot stop its pool, so each
+    worker watches the parent's sentinel (closed when it dies) and exits with it."""
+    sentinel = multiprocessing.parent_process().sentinel
+
+    def watch():
+        multiprocessing.connection.wait([sentinel])
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def checked_examples(examples, report, *, max_side=None, jpeg_quality=90, workers=None):
+    """(RawExample, image bytes to store) of the examples write-records writes, in order.
+
+    Bad text and repeated ids are skipped first, then every image is read and
+    decoded (in `workers` processes; default all cores, <= 1 inline); each skip
+    lands in `report` with its reason. check-source counts with this too.
+    """
+    workers = os.cpu_count() if workers is None else workers
+    seen = set()
+
+    def fresh(chunk):  # bad text and duplicates are dropped before the costly image work
+        kept = []
+        for example in chunk:
+            problem = _text_problem(example)
+            if problem:  # an id that is not UTF-8 is listed in its ascii() form
+                report.skip(example.id if "id is not" not in problem else ascii(example.id), problem)
+            elif example.id in seen:
+                report.skip(example.id, f"duplicate_id: {example.id} seen before (first kept)")
+            else:
+                seen.add(example.id)
+                kept.append(example)
+        return kept
+
+    chunks = (kept for kept in map(fresh, _chunks(examples, _CHUNK)) if kept)
+    for chunk, checked in _ordered_map(_check_chunk, chunks, workers, max_side, jpeg_quality):
+        for example, (data, reason) in zip(chunk, checked):
+            if reason:
+                report.skip(example.id, reason)
+            else:
+                yield example, data
 
 
 # ---------------------------------------------------------------- metadata
@@ -242,41 +290,19 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
                                       "write to a new --out directory or rewrite every split")
         meta["splits"] = old["splits"]
 
-    workers = os.cpu_count() if workers is None else workers
     feature_dict = features(context_length)
     tmp_dir = out_dir / f".tmp-{split}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
-    shards, seen, writer = [], set(), None
-
-    def fresh(chunk):  # bad text and duplicates are dropped before the costly image work
-        kept = []
-        for example in chunk:
-            problem = _text_problem(example)
-            if problem:  # an id that is not UTF-8 is listed in its ascii() form
-                report.skip(example.id if "id is not" not in problem else ascii(example.id), problem)
-            elif example.id in seen:
-                report.skip(example.id, f"duplicate_id: {example.id} seen before (first kept)")
-            else:
-                seen.add(example.id)
-                kept.append(example)
-        return kept
+    shards, writer = [], None
+    good = checked_examples(examples, report, max_side=max_side, jpeg_quality=jpeg_quality, workers=workers)
 
     bar = tqdm(desc=f"write {split}", unit="ex", disable=not progress)
     try:
-        chunks = (kept for kept in map(fresh, _chunks(examples, _CHUNK)) if kept)
-        for chunk, checked in _ordered_map(_check_chunk, chunks, workers, max_side, jpeg_quality):
-            good = []
-            for example, (data, reason) in zip(chunk, checked):
-                if reason:
-                    report.skip(example.id, reason)
-                else:
-                    good.append((example, data))
-            if not good:
-                continue
-            query_ids, _ = tokenizer.encode([e.query for e, _ in good], context_length)
-            expl_ids, _ = tokenizer.encode([e.explanation or "" for e, _ in good], context_length)
-            for row, (example, data) in enumerate(good):
+        for batch in _chunks(good, _CHUNK):
+            query_ids, _ = tokenizer.encode([e.query for e, _ in batch], context_length)
+            expl_ids, _ = tokenizer.encode([e.explanation or "" for e, _ in batch], context_length)
+            for row, (example, data) in enumerate(batch):
                 serialized = feature_dict.serialize_example({
                     "id": example.id, "image": data, "query": example.query,
                     "explanation": example.explanation or "", "headline": example.headline or "",
@@ -293,7 +319,14 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
                 bar.update(1)
         if writer is not None:
             writer.close()
+        if not shards:
+            skipped = report.to_dict()
+            raise EntityClipError(f"no example of split {split!r} could be written ({skipped['skipped']} skipped: "
+                                  f"{skipped['by_reason'] or 'the source yielded none'}); no shard was written to "
+                                  f"{out_dir}. Check --root, --split and the images (`entityclip check-source` "
+                                  "lists every skipped record)")
     except BaseException:
+        good.close()  # stops the worker pool
         if writer is not None:
             writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)  # partial shards are useless: a rerun starts over

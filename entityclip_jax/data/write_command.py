@@ -1,25 +1,40 @@
-"""`entityclip write-records`: one split of a raw dataset -> explanation-augmented TFRecords."""
+"""`entityclip write-records`: one split of a raw dataset -> explanation-augmented TFRecords.
+
+`entityclip check-source` takes the same source and image flags (add_source_arguments)
+and reads the split the same way (source_examples + records.checked_examples), so
+its counts are what write-records writes.
+"""
 SOURCES = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
 
 
-def configure(parser):
-    parser.add_argument("--source", required=True, choices=SOURCES, help="layout of the raw dataset")
+def add_source_arguments(parser):
+    """The raw-split, explanation and image flags write-records and check-source share."""
+    parser.add_argument("--source", "--kind", dest="source", required=True, choices=SOURCES,
+                        help="layout of the raw dataset")
     parser.add_argument("--root", required=True, help="root directory of the raw dataset release")
-    parser.add_argument("--split", required=True, help="split to write (train, dev/val, test, ...)")
+    parser.add_argument("--split", required=True, help="split to read (train, dev/val, test, ...)")
+    parser.add_argument("--explanations", help="explanation cache JSONL written by `entityclip explain`")
+    parser.add_argument("--capdsc", help="the EntityCLIP release's CapDsc_*.json for this split; "
+                                         "'auto' finds the release's file for the split")
+    parser.add_argument("--missing-explanation", "--policy", dest="missing_explanation",
+                        choices=("empty", "skip", "error"), default="empty",
+                        help="what to do with a record that has no explanation (default: empty)")
+    parser.add_argument("--source-option", "--option", dest="source_option", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="adapter option, e.g. file=extra.jsonl (jsonl/csv), layout=release (goodnews), "
+                             "split_ids=val_ids.txt (visualnews)")
+    parser.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this")
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default 90)")
+    parser.add_argument("--workers", type=int, help="image-checking processes (default: all cores)")
+
+
+def configure(parser):
+    add_source_arguments(parser)
     parser.add_argument("--tokenizer", required=True,
                         help="Hugging Face CLIP checkpoint/tokenizer directory or bpe_simple_vocab_16e6.txt.gz")
     parser.add_argument("--out", required=True, help="records directory (other splits in it are kept)")
-    parser.add_argument("--explanations", help="explanation cache JSONL written by `entityclip explain`")
-    parser.add_argument("--capdsc", help="the EntityCLIP release's CapDsc_*.json for this split")
-    parser.add_argument("--missing-explanation", choices=("empty", "skip", "error"), default="empty",
-                        help="what to do with a record that has no explanation (default: empty)")
-    parser.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="adapter option, e.g. file=extra.jsonl (jsonl/csv), layout=release (goodnews)")
-    parser.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this")
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded JPEGs (default 90)")
     parser.add_argument("--examples-per-shard", type=int, default=1024)
     parser.add_argument("--context-length", type=int, default=77)
-    parser.add_argument("--workers", type=int, help="image-checking processes (default: all cores)")
 
 
 def _options(pairs):
@@ -33,27 +48,39 @@ def _options(pairs):
     return options
 
 
+def source_examples(args, report):
+    """The split's RawExamples with explanations attached, as add_source_arguments' flags say."""
+    from entityclip_jax.data.sources import read_source
+    from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc, release_capdsc_path
+    from entityclip_jax.errors import EntityClipError
+
+    by_id, by_query = {}, {}
+    if args.explanations:
+        from entityclip_jax.explain.cache import read_explanations
+        by_id, by_query = read_explanations(args.explanations)
+    capdsc = args.capdsc
+    if capdsc == "auto":
+        capdsc = release_capdsc_path(args.source, args.root, args.split)
+        if capdsc is None:
+            raise EntityClipError(f"no CapDsc file of the release found under {args.root} for split {args.split}")
+    by_image = read_capdsc(capdsc) if capdsc else {}
+    examples = read_source(args.source, args.root, args.split, report, **_options(args.source_option))
+    return attach_explanations(examples, by_id, by_query, by_image, args.missing_explanation, report)
+
+
 def run(args):
     import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     from entityclip_jax.data.example import SkipReport
     from entityclip_jax.data.records import write_split
-    from entityclip_jax.data.sources import read_source
-    from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc
     from entityclip_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    by_id, by_query = {}, {}
-    if args.explanations:
-        from entityclip_jax.explain.cache import read_explanations
-        by_id, by_query = read_explanations(args.explanations)
-    by_image = read_capdsc(args.capdsc) if args.capdsc else {}
     report = SkipReport()
-    examples = read_source(args.source, args.root, args.split, report, **_options(args.source_option))
-    examples = attach_explanations(examples, by_id, by_query, by_image, args.missing_explanation, report)
-    entry = write_split(examples, args.out, args.split, tokenizer, report, context_length=args.context_length,
-                        examples_per_shard=args.examples_per_shard, max_side=args.max_side,
-                        jpeg_quality=args.jpeg_quality, workers=args.workers, source=args.source)
+    entry = write_split(source_examples(args, report), args.out, args.split, tokenizer, report,
+                        context_length=args.context_length, examples_per_shard=args.examples_per_shard,
+                        max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
+                        source=args.source)
     skipped = entry["skipped"]
     print(f"wrote {entry['num_examples']} {args.split} examples in {len(entry['shards'])} shards to {args.out}; "
           f"skipped {skipped['skipped']} {skipped['by_reason'] or ''}; "

@@ -160,10 +160,10 @@ def image_folder_batches(paths, image_size, batch_size):
     """
     import tensorflow as tf
 
-    from entityclip_jax.data.preprocess import clip_preprocess
+    from entityclip_jax.data.preprocess import clip_preprocess, read_image_file
 
     def load(path):
-        return path, clip_preprocess(tf.io.read_file(path), image_size)
+        return path, clip_preprocess(read_image_file(path), image_size)
 
     dataset = (tf.data.Dataset.from_tensor_slices(list(paths))
                .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

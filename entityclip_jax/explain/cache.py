@@ -7,7 +7,8 @@ Layout choice: ids that share a query text each get their own record carrying
 the same generated text (generated once). Later records win over earlier ones,
 so a retry that succeeds supersedes an earlier "failed" record for the same id.
 A killed writer can leave a torn last line; readers ignore it and the writer
-truncates it before appending, so no record is ever half-written.
+truncates it before appending, so no record is ever half-written. A last line
+that is a whole record and lacks only its newline is kept (and the newline added).
 """
 import datetime
 import json
@@ -42,14 +43,18 @@ def iter_records(path):
         return
     with open(path, "rb") as f:
         for line in f:
-            if not line.endswith(b"\n"):
-                return  # torn last line of a killed writer
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "id" in record and "status" in record:
+            record = _record(line)
+            if record is not None:
                 yield record
+
+
+def _record(line):
+    """The record on one line, or None for a corrupt or torn one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "id" in record and "status" in record else None
 
 
 def read_explanations(path, *, model=None, prompt_version=None):
@@ -99,6 +104,11 @@ def repair_torn_tail(path):
             end = start
         else:
             keep = 0
+        f.seek(keep)
+        if _record(f.read()) is not None:  # a whole record without its newline: keep it
+            f.seek(size)
+            f.write(b"\n")
+            return 0
         f.truncate(keep)
         return size - keep
 

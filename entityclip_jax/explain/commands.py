@@ -43,7 +43,9 @@ def configure_explain(parser):
     http.add_argument("--model", help="model name the server serves")
     http.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     http.add_argument("--connect-timeout", type=float, default=10.0)
-    http.add_argument("--read-timeout", type=float, default=120.0)
+    http.add_argument("--read-timeout", type=float, default=120.0, help="seconds one socket read may wait")
+    http.add_argument("--request-timeout", type=float, default=300.0,
+                      help="seconds one whole request may take, however the server drips its answer")
     http.add_argument("--retries", type=int, default=5, help="retries on timeout, 5xx, 429, malformed JSON")
     http.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay in seconds (doubles)")
     http.add_argument("--backoff-max", type=float, default=60.0)
@@ -103,6 +105,7 @@ def _backend(args):
         from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend
         return OpenAIHTTPBackend(args.base_url, args.model, api_key_env=args.api_key_env,
                                  connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+                                 request_timeout=args.request_timeout,
                                  retries=args.retries, backoff_base=args.backoff_base,
                                  backoff_max=args.backoff_max, temperature=args.temperature)
     from entityclip_jax.explain.backends.transformers_lm import TransformersBackend

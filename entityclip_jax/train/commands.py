@@ -13,10 +13,10 @@ def run(args):
     import json
     import logging
 
-    from entityclip_jax.config import load_config
+    from entityclip_jax.config import load_config, validate_config
     from entityclip_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = train(load_config(args.config, args.overrides), args.workdir)
+    summary = train(validate_config(load_config(args.config, args.overrides)), args.workdir)
     print(json.dumps({"done": summary}, default=float))
     return 0

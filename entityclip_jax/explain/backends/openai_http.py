@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP backend: what vLLM, llama.cpp's server, Ollama and TGI speak.
 
 A small standard-library client rather than the `openai` package: it needs
-separate connect/read timeouts, retries on timeouts, 5xx, 429 (honouring
+separate connect/read timeouts and a whole-request deadline (a server that
+drips bytes never trips a per-read timeout), retries on timeouts, 5xx, 429 (honouring
 Retry-After in seconds or as an HTTP date) and on malformed JSON in a 200
 answer, and a cancel switch for Ctrl-C; the `openai` client does not retry
 malformed bodies and would add a dependency for ~100 lines of code.
@@ -55,7 +56,7 @@ class OpenAIHTTPBackend:
     batch_size = 1
 
     def __init__(self, base_url, model, *, api_key_env="OPENAI_API_KEY", connect_timeout=10.0,
-                 read_timeout=120.0, retries=5, backoff_base=1.0, backoff_max=60.0,
+                 read_timeout=120.0, request_timeout=300.0, retries=5, backoff_base=1.0, backoff_max=60.0,
                  max_retry_after=600.0, temperature=0.0, retry_temperature=0.7):
         url = urllib.parse.urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -68,6 +69,7 @@ class OpenAIHTTPBackend:
         self._path = url.path.rstrip("/")
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.request_timeout = request_timeout
         self.retries, self.backoff_base, self.backoff_max = retries, backoff_base, backoff_max
         self.max_retry_after = max_retry_after
         self.temperature, self.retry_temperature = temperature, retry_temperature
@@ -129,6 +131,24 @@ class OpenAIHTTPBackend:
             headers["Authorization"] = f"Bearer {self._api_key}"
         try:
             conn = self._connection()
+        except (socket.timeout, TimeoutError) as err:
+            self._drop_connection()
+            raise _Retryable("timeout") from err
+        except (OSError, http.client.HTTPException) as err:
+            self._drop_connection()
+            raise _Retryable("connection") from err
+        expired = threading.Event()
+
+        def expire():  # the deadline: shutting the socket down ends a read that is still dripping
+            expired.set()
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
+        timer = threading.Timer(self.request_timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
             conn.request("POST", self._path + endpoint, body=json.dumps(payload).encode(), headers=headers)
             response = conn.getresponse()
             body = response.read()
@@ -137,7 +157,12 @@ class OpenAIHTTPBackend:
             raise _Retryable("timeout") from err
         except (OSError, http.client.HTTPException) as err:
             self._drop_connection()
-            raise _Retryable("connection") from err
+            raise _Retryable("timeout" if expired.is_set() else "connection") from err
+        finally:
+            timer.cancel()
+        if expired.is_set():  # a body cut short by the deadline is no answer
+            self._drop_connection()
+            raise _Retryable("timeout")
         if response.getheader("Connection", "").lower() == "close":
             self._drop_connection()
         status = response.status
