@@ -8,6 +8,9 @@ def configure(parser):
     parser.add_argument("--split", required=True, help="split to write (train, dev/val, test, ...)")
     parser.add_argument("--tokenizer", required=True,
                         help="Hugging Face CLIP checkpoint/tokenizer directory or bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--tokenizer-style", choices=("openai", "transformers"), default="openai",
+                        help="openai (default): clip.tokenize exactly, cleaned text, 0 padding; "
+                             "transformers: CLIPTokenizer's ids, no cleaning, the checkpoint's padding")
     parser.add_argument("--out", required=True, help="records directory (other splits in it are kept)")
     parser.add_argument("--explanations", help="explanation cache JSONL written by `entityclip explain`")
     parser.add_argument("--capdsc", help="the EntityCLIP release's CapDsc_*.json for this split")
@@ -42,7 +45,7 @@ def run(args):
     from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc
     from entityclip_jax.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_style)
     by_id, by_query = {}, {}
     if args.explanations:
         from entityclip_jax.explain.cache import read_explanations
