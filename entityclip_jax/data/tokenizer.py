@@ -33,6 +33,7 @@ import ftfy
 import numpy as np
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.loading import resolve_checkpoint
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -136,11 +137,11 @@ def _special_tokens(directory):
 
 
 def load_tokenizer(path, style="openai"):
-    """ClipTokenizer from a HF checkpoint directory or OpenAI's bpe_simple_vocab_16e6.txt.gz.
+    """ClipTokenizer from a HF checkpoint directory or hub id, or OpenAI's bpe_simple_vocab_16e6.txt.gz.
 
     style: "openai" (clip.tokenize: cleaned text, 0 padding) or "transformers" (module docstring).
     """
-    path = pathlib.Path(path).expanduser()
+    path = pathlib.Path(resolve_checkpoint(str(path))).expanduser()
     if path.is_file() and path.name.endswith(".gz"):
         with tempfile.TemporaryDirectory() as tmp:
             build_hf_tokenizer_files(path, tmp)
