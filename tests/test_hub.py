@@ -33,6 +33,7 @@ def _token_embedding(model):
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
     """HF_HOME with REPO at two revisions: main (seed 0) and tag v2 (seed 1)."""
+    import torch
     home = tmp_path_factory.mktemp("hf_home")
     storage = home / "hub" / "models--tiny-org--tiny-clip"
     embeddings = {}
@@ -42,6 +43,14 @@ def hf_home(tmp_path_factory):
         (storage / "refs").mkdir(parents=True, exist_ok=True)
         (storage / "refs" / ref).write_text(commit)
         embeddings[ref] = _token_embedding(model)
+    # A repo with PyTorch weights only (no safetensors), as older hub repos are.
+    bin_storage = home / "hub" / "models--tiny-org--tiny-clip-bin"
+    model = tiny_hf_clip(seed=2)
+    model.config.save_pretrained(bin_storage / "snapshots" / MAIN)
+    torch.save(model.state_dict(), bin_storage / "snapshots" / MAIN / "pytorch_model.bin")
+    (bin_storage / "refs").mkdir()
+    (bin_storage / "refs" / "main").write_text(MAIN)
+    embeddings["bin"] = _token_embedding(model)
     return home, embeddings
 
 
@@ -60,12 +69,12 @@ def test_the_cache_is_laid_out_as_huggingface_hub_lays_it_out(hf_home):
     from huggingface_hub import scan_cache_dir
     home, _ = hf_home
     repos = {repo.repo_id: repo for repo in scan_cache_dir(home / "hub").repos}
-    assert set(repos) == {REPO}
+    assert set(repos) == {REPO, f"{REPO}-bin"}
     assert {rev.commit_hash: set(rev.refs) for rev in repos[REPO].revisions} == {MAIN: {"main"}, V2: {"v2"}}
 
 
 def test_load_towers_by_hub_id_and_revision(offline_hub):
-    for spec, ref in [(REPO, "main"), (f"{REPO}@v2", "v2"), (f"{REPO}@{V2}", "v2")]:
+    for spec, ref in [(REPO, "main"), (f"{REPO}@v2", "v2"), (f"{REPO}@{V2}", "v2"), (f"{REPO}-bin", "bin")]:
         config, params = load_towers(spec)
         assert config.projection_dim == 24 and float(params["logit_scale"]) == pytest.approx(3.1)
         np.testing.assert_array_equal(params["text_model"]["embeddings"]["token_embedding"]["embedding"],

@@ -15,7 +15,8 @@ from entityclip_jax.errors import EntityClipError
 
 TOWERS_CONFIG = "clip_config.json"
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?")
-HUB_FILES = ("*.json", "*.txt", "*.safetensors")  # config, tokenizer, safetensors weights (and exported heads)
+# config, tokenizer, CLIPModel safetensors weights and an export's entityclip_heads.safetensors
+HUB_FILES = ("*.json", "*.txt", "model*.safetensors", "entityclip_*.safetensors")
 HUB_FALLBACK_WEIGHTS = ("pytorch_model.bin*",)     # for repos without safetensors (read weights_only)
 LOCAL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".gz")  # a missing file, never a hub id
 
@@ -35,7 +36,7 @@ def resolve_checkpoint(spec):
     repo, revision = match["repo"], match["revision"]
     try:
         folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES))
-        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+        if not any(name.startswith("model") and name.endswith(".safetensors") for name in os.listdir(folder)):
             folder = huggingface_hub.snapshot_download(repo, revision=revision,
                                                        allow_patterns=list(HUB_FILES + HUB_FALLBACK_WEIGHTS))
     except errors.RevisionNotFoundError:
