@@ -1,6 +1,6 @@
 """A tiny EntityCLIP that trains on a laptop CPU in minutes: the demo and the tests.
 
-Tiny preset towers (2 layers, width 64, 64 px images), 2/2/2 experts, a small
+Tiny random towers (2 layers, width 64, 64 px images), 2/2/2 experts, a small
 batch and a learning rate a from-scratch tiny model learns with. The text tower
 follows the records' tokenizer: set model.vocab_size and model.eos_token_id to
 it (the demo's synthetic data writes a small BPE).
@@ -11,7 +11,7 @@ from entityclip_jax.config import default_config
 def get_config(arg=None):
     c = default_config()
     c.seed = 0
-    c.model.init = "tiny"
+    c.model.init = "random:tiny"  # trained from scratch: no pretrained tiny CLIP exists
     c.heads.num_image_experts = c.heads.num_explanation_experts = c.heads.num_text_experts = 2
     c.data.dir = "demo/records"
     c.data.shuffle_buffer = 256

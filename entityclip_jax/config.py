@@ -22,13 +22,15 @@ def default_config():
     c.seed = 42  # parameters, hard negatives and the data order all derive from it
 
     c.model = ml_collections.ConfigDict()
-    # Towers: a preset name (vit-b-32, vit-b-16, vit-l-14, tiny; random init), a
-    # Hugging Face CLIPModel dir, an OpenAI-layout .pt file or a towers dir.
-    c.model.init = "vit-b-32"
+    # Towers: a Hugging Face hub id ("org/name" or "org/name@revision", through
+    # huggingface_hub's cache: HF_HOME, HF_HUB_OFFLINE), a Hugging Face CLIPModel dir,
+    # an OpenAI-layout .pt file, a towers dir or training workdir; or
+    # "random:PRESET" (vit-b-32, vit-b-16, vit-l-14, tiny) for RANDOM towers.
+    c.model.init = "openai/clip-vit-base-patch32"
     c.model.mode = "entityclip"        # or "clip_finetune": plain CLIP VTC only, no heads (the baseline)
     c.model.dtype = "float32"          # compute dtype (bfloat16 on TPU/GPU); params and losses stay fp32
     c.model.remat = False              # rematerialise tower layers to save activation memory
-    # Preset towers only: the text tower must match the tokenizer the records were written with.
+    # Random towers only: the text tower must match the tokenizer the records were written with.
     c.model.vocab_size = placeholder(int)
     c.model.eos_token_id = placeholder(int)
 
@@ -275,7 +277,7 @@ def heads_config(config):
     return HeadsConfig(dtype=config.model.dtype, **config.heads.to_dict())
 
 
-RELEASE_ARCHITECTURES = {"b32": "vit-b-32", "b16": "vit-b-16"}
+RELEASE_ARCHITECTURES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}
 
 
 def release_config(data_dir, learning_rate, arch=None):
@@ -283,10 +285,10 @@ def release_config(data_dir, learning_rate, arch=None):
 
     Adam(0.9, 0.999), no weight decay, cosine decay over all steps, no warmup,
     20 epochs, batch 192, seed 42, eta = lambda = 0.1, model selection by the
-    lowest validation VTC loss. arch: "b32" (default) or "b16".
-    Start from OpenAI's weights by pointing model.init at a Hugging Face
-    CLIPModel directory (e.g. openai/clip-vit-base-patch32) or an OpenAI .pt
-    file; the preset name alone gives the architecture with random weights.
+    lowest validation VTC loss. arch: "b32" (default) or "b16": the towers start,
+    as the paper's do, from OpenAI's pretrained CLIP by hub id (downloaded once
+    into the Hugging Face cache). Random towers are an explicit choice:
+    --config.model.init=random:vit-b-32.
     """
     arch = arch or "b32"
     if arch not in RELEASE_ARCHITECTURES:

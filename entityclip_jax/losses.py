@@ -6,6 +6,7 @@ Every loss works on GLOBAL arrays: under jax.jit with batch-sharded inputs XLA
 inserts the collectives, so the contrastive terms see all B x B pairs and the
 hard negatives are drawn from the whole batch. All losses are fp32.
 """
+import functools
 import math
 
 import jax
@@ -16,6 +17,7 @@ from entityclip_jax.models.gi_itm import expert_features, image_star, itm_logits
 from entityclip_jax.models.mmae import explanation_experts, read_tokens, text_experts
 
 LOGIT_SCALE_MAX = math.log(100.0)  # OpenAI CLIP's clamp of the log scale
+RELEASE_ITM_EPS = 1e-8  # the release's ITM loss: -log(p + 1e-8)
 
 
 def l2_normalize(x, eps=1e-12):
@@ -48,11 +50,19 @@ def clip_contrastive_loss(image_embeds, text_embeds, logit_scale, *, clamp=True)
     return symmetric_cross_entropy(contrastive_logits(image_embeds, text_embeds, logit_scale, clamp=clamp))
 
 
-def gi_itm_loss(positive_logits, negative_a_logits, negative_b_logits):
+def itm_cross_entropy(logits, label, *, faithful=False):
+    """Mean cross-entropy of [B, 2] logits toward class `label`. Faithful: the release's
+    -log(softmax + 1e-8), which gives a confidently wrong pair (almost) no gradient."""
+    logits = logits.astype(jnp.float32)
+    if faithful:
+        return -jnp.mean(jnp.log(jax.nn.softmax(logits, axis=-1)[:, label] + RELEASE_ITM_EPS))
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, label])
+
+
+def gi_itm_loss(positive_logits, negative_a_logits, negative_b_logits, *, faithful=False):
     """(loss, accuracy): mean of three cross-entropies, positives toward class 0
     (match), each negative set toward class 1. Logits are [B, 2]."""
-    def cross_entropy(logits, label):
-        return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, label])
+    cross_entropy = functools.partial(itm_cross_entropy, faithful=faithful)
     loss = (cross_entropy(positive_logits, 0) + cross_entropy(negative_a_logits, 1)
             + cross_entropy(negative_b_logits, 1)) / 3.0
     correct = jnp.concatenate([jnp.argmax(positive_logits, -1) == 0,
@@ -100,7 +110,7 @@ def entityclip_loss(heads, features, logit_scale, negatives, cfg):
     if isinstance(negatives, (tuple, list)):
         neg_text, neg_image = (jnp.asarray(n, jnp.int32) for n in negatives)
     else:
-        neg_text, neg_image = sample_hard_negatives(negatives, main_logits)
+        neg_text, neg_image = sample_hard_negatives(negatives, main_logits, faithful=faithful)
 
     # Most expert outputs of a negative triple are rows of the positive ones
     # (e_v depends on the image only; e_t, s_t on the query and its explanation,
@@ -128,7 +138,7 @@ def entityclip_loss(heads, features, logit_scale, negatives, cfg):
     itm, itm_accuracy = gi_itm_loss(
         itm_logits(heads, v_cls, t_eot, positive, dtype=dtype),
         itm_logits(heads, v_cls, t_eot_a, negative_a, dtype=dtype),
-        itm_logits(heads, v_cls[jp], t_eot, negative_b, dtype=dtype))
+        itm_logits(heads, v_cls[jp], t_eot, negative_b, dtype=dtype), faithful=faithful)
 
     loss = vtc + cfg.itm_weight * itm + cfg.expert_vtc_weight * vtc_experts
     metrics = dict(loss=loss, vtc=vtc, itm=itm, vtc_experts=vtc_experts, itm_accuracy=itm_accuracy,

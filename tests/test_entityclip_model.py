@@ -67,7 +67,7 @@ def test_bad_model_settings_are_refused(tiny_hf_dir):
     model, _ = tiny_model()
     with pytest.raises(EntityClipError, match="model.mode"):
         model_from_config(tiny_config(**{"model.mode": "blip"}), model.clip)
-    with pytest.raises(EntityClipError, match="preset towers only"):
+    with pytest.raises(EntityClipError, match="random towers only"):
         tower_source(tiny_config(**{"model.init": tiny_hf_dir}))
     config = tiny_config(**{"model.init": tiny_hf_dir, "model.vocab_size": None, "model.eos_token_id": None})
     clip_config, params = tower_source(config)  # a Hugging Face directory brings its own architecture

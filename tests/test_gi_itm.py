@@ -1,10 +1,12 @@
-"""Gated aggregation (V*, T*) and GI-ITM probabilities against a NumPy transcription."""
+"""Expert outputs, gated aggregation (V*, T*) and GI-ITM logits against NumPy transcriptions."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from entityclip_jax.models import gi_itm
-from entityclip_jax.models.heads import HeadsConfig, heads_module, init_heads
+from entityclip_jax.models.heads import HeadsConfig, init_heads
+from tests.test_losses import np_expert, random_expert
 
 B, D = 3, 8
 N_V, N_S, N_T = 2, 3, 4  # distinct counts, so a mixed-up axis cannot pass
@@ -37,17 +39,17 @@ def test_gates_and_itm_match_numpy():
     want_t_star = np_gated(heads["text_gate"], t_eot, np.concatenate([experts["e_t"], experts["s_t"]], 1))
     everything = np.concatenate([experts[k] for k in ("e_v", "s_v", "e_t", "s_t")], 1)
     fused = np_gated(heads["itm_gate"], np.concatenate([v_cls, t_eot], 1), everything)
-    want_p = np_softmax(fused @ heads["itm_head"]["kernel"] + heads["itm_head"]["bias"])
+    want_logits = fused @ heads["itm_head"]["kernel"] + heads["itm_head"]["bias"]
 
     j = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
     with jax.default_matmul_precision("highest"):
         v_star = gi_itm.image_star(j(heads), j(v_cls), j(experts["e_v"]), j(experts["s_v"]))
         t_star = gi_itm.text_star(j(heads), j(t_eot), j(experts["e_t"]), j(experts["s_t"]))
-        p = gi_itm.itm_probabilities(j(heads), j(v_cls), j(t_eot), j(experts))
+        logits = gi_itm.itm_logits(j(heads), j(v_cls), j(t_eot), j(experts))
     np.testing.assert_allclose(np.asarray(v_star), want_v_star, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(t_star), want_t_star, rtol=1e-5, atol=1e-5)
-    assert p.shape == (B, 2)
-    np.testing.assert_allclose(np.asarray(p), want_p, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (B, 2) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logits), want_logits, rtol=1e-5, atol=1e-5)
 
 
 def test_heads_parameter_tree_and_init():
@@ -73,19 +75,30 @@ def test_heads_parameter_tree_and_init():
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(params))
 
 
-def test_module_call_uses_the_pure_functions():
-    cfg = HeadsConfig(num_image_experts=N_V, num_explanation_experts=N_S, num_text_experts=N_T)
-    params = init_heads(jax.random.key(0), cfg, D)
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "release_unmasked"])
+def test_expert_features_match_numpy(masked):
+    """e_v at the image CLS, s_v (image attends to the explanation), e_t and s_t at the
+    query's EOT: each expert of each stack, against a NumPy pre-LN transformer block."""
     rs = np.random.RandomState(2)
-    V, T, E = (jnp.asarray(rs.normal(size=s), jnp.float32) for s in [(B, 5, D), (B, 7, D), (B, 7, D)])
-    mask, eot = jnp.ones((B, 7)), jnp.array([3, 6, 1])
-    out = jax.jit(heads_module(cfg, D).apply)({"params": params}, V, T, mask, eot, E, mask)
-    assert out["e_v"].shape == (B, N_V, D) and out["s_v"].shape == (B, N_S, D)
-    assert out["e_t"].shape == (B, N_T, D) and out["s_t"].shape == (B, N_S, D)
-    # The module's outputs are the pure functions applied to its expert outputs.
-    t_eot = T[jnp.arange(B), eot]
-    np.testing.assert_allclose(out["itm_logits"], gi_itm.itm_logits(params, V[:, 0], t_eot, out), rtol=1e-5)
-    np.testing.assert_allclose(out["image_star"], gi_itm.image_star(params, V[:, 0], out["e_v"], out["s_v"]),
-                               rtol=1e-5)
-    np.testing.assert_allclose(out["text_star"], gi_itm.text_star(params, t_eot, out["e_t"], out["s_t"]),
-                               rtol=1e-5)
+    np_heads = dict(image_experts=[random_expert(rs) for _ in range(N_V)],
+                    explanation_experts=[random_expert(rs) for _ in range(N_S)],
+                    text_experts=[random_expert(rs) for _ in range(N_T)])
+    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves), jnp.float32), *trees)
+    heads = {name: stack(experts) for name, experts in np_heads.items()}
+    V, T, E = rs.normal(size=(B, 5, D)), rs.normal(size=(B, 7, D)), rs.normal(size=(B, 7, D))
+    eot, e_len = np.array([3, 6, 1]), np.array([2, 7, 4])
+    t_mask = (np.arange(7)[None] <= eot[:, None]).astype(np.float32)
+    e_mask = (np.arange(7)[None] < e_len[:, None]).astype(np.float32)
+    rows = np.arange(B)
+    use = (lambda m: m) if masked else (lambda m: None)
+    want = dict(e_v=[np_expert(p, V, V)[:, 0] for p in np_heads["image_experts"]],
+                s_v=[np_expert(p, V, E, use(e_mask))[:, 0] for p in np_heads["explanation_experts"]],
+                e_t=[np_expert(p, T, T, use(t_mask))[rows, eot] for p in np_heads["text_experts"]],
+                s_t=[np_expert(p, T, E, use(e_mask))[rows, eot] for p in np_heads["explanation_experts"]])
+    j = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        got = jax.jit(gi_itm.expert_features)(heads, j(V), j(T), j(use(t_mask)), jnp.asarray(eot), j(E), j(use(e_mask)))
+    for name, per_expert in want.items():
+        assert got[name].shape == (B, len(per_expert), D), name
+        np.testing.assert_allclose(np.asarray(got[name]), np.stack(per_expert, 1), rtol=1e-4, atol=1e-4,
+                                   err_msg=name)

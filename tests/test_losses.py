@@ -4,6 +4,7 @@ The transcription recomputes every negative triple from scratch, with the
 release's quirks (no masks, negative queries read at the positive's EOT, no
 clamp) in faithful mode; the implementation gathers what it can.
 """
+import functools
 import math
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from entityclip_jax import losses
+from entityclip_jax import hard_negatives, losses
 from entityclip_jax.hard_negatives import sample_hard_negatives
 from entityclip_jax.models.heads import HeadsConfig
 
@@ -30,6 +31,22 @@ def np_softmax(x):
 def np_log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_itm_ce(logits, label, faithful):
+    """Corrected: exact log-softmax. Release: -log(softmax(logits) + 1e-8)."""
+    if faithful:
+        return -np.log(np_softmax(logits)[:, label] + 1e-8).mean()
+    return -np_log_softmax(logits)[:, label].mean()
+
+
+def np_negative_probabilities(logits, faithful):
+    """Row i: the probability of drawing column j as i's hard negative."""
+    weights = np_softmax(logits.astype(np.float64))
+    np.fill_diagonal(weights, 0)
+    if faithful:
+        weights = weights + 1e-5  # after zeroing: the diagonal gets 1e-5 too
+    return weights / weights.sum(1, keepdims=True)
 
 
 def np_layer_norm(x, scale, bias, eps=1e-5):
@@ -103,7 +120,7 @@ def np_entityclip_loss(h, f, logit_scale, neg_text, neg_image, faithful, eta=0.1
     neg_a = np_triple_experts(h, V, T[j], E[j], read_a, sub(t_mask, j), sub(e_mask, j))
     # B = (image_j', query_i, explanation_i)
     neg_b = np_triple_experts(h, V[jp], T, E, eot, t_mask, e_mask)
-    ce = lambda logits, label: -np_log_softmax(logits)[:, label].mean()
+    ce = lambda logits, label: np_itm_ce(logits, label, faithful)
     itm = (ce(np_itm_logits(h, v_cls, t_eot, pos), 0)
            + ce(np_itm_logits(h, v_cls, T[j][rows, read_a], neg_a), 1)
            + ce(np_itm_logits(h, V[jp][:, 0], t_eot, neg_b), 1)) / 3
@@ -180,33 +197,82 @@ def test_contrastive_loss_uses_the_global_batch_when_sharded():
     assert abs(float(sharded) - per_device) > 1e-2  # per-device blocks would give another value
 
 
-def test_hard_negatives_never_pick_the_diagonal_and_follow_the_softmax():
+@functools.partial(jax.jit, static_argnums=2)
+def _sample_many(keys, logits, faithful):
+    return jax.vmap(lambda key: sample_hard_negatives(key, logits, faithful=faithful))(keys)
+
+
+def _draw_frequencies(logits, faithful, draws=40_000):
+    keys = jax.random.split(jax.random.key(0), draws)
+    neg_text, neg_image = (np.asarray(n) for n in _sample_many(keys, jnp.asarray(logits), faithful))
+    assert neg_text.shape == neg_image.shape == (draws, len(logits))
+    assert not np.array_equal(neg_text, neg_image)  # the two directions use different keys
+    counts = lambda drawn: np.stack([np.bincount(drawn[:, i], minlength=len(logits)) / draws
+                                     for i in range(len(logits))])
+    return counts(neg_text), counts(neg_image)
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["corrected", "faithful"])
+def test_hard_negatives_follow_the_numpy_weights(faithful):
     rs = np.random.RandomState(5)
     logits = rs.normal(0, 1.5, size=(4, 4)).astype(np.float32)
-    logits[np.diag_indices(4)] += 5.0  # the positives dominate, yet must never be drawn
-    draws = 40_000
-    keys = jax.random.split(jax.random.key(0), draws)
-    neg_text, neg_image = jax.jit(jax.vmap(sample_hard_negatives, in_axes=(0, None)))(keys, jnp.asarray(logits))
-    neg_text, neg_image = np.asarray(neg_text), np.asarray(neg_image)
-    assert neg_text.shape == neg_image.shape == (draws, 4)
-    for matrix, drawn in [(logits, neg_text), (logits.T, neg_image)]:
-        expected = np_softmax(matrix)
-        np.fill_diagonal(expected, 0)
-        expected /= expected.sum(1, keepdims=True)
-        empirical = np.stack([np.bincount(drawn[:, i], minlength=4) / draws for i in range(4)])
-        assert np.all(np.diag(empirical) == 0)
+    logits[np.diag_indices(4)] += 5.0  # the positives dominate, yet are never (corrected) drawn
+    for matrix, empirical in zip([logits, logits.T], _draw_frequencies(logits, faithful)):
+        expected = np_negative_probabilities(matrix, faithful)
         np.testing.assert_allclose(empirical, expected, atol=0.015)
-    assert not np.array_equal(neg_text, neg_image)  # the two directions use different keys
+        if not faithful:
+            assert np.all(np.diag(empirical) == 0)
+    probabilities = jax.nn.softmax(hard_negatives.negative_log_weights(jnp.asarray(logits), faithful=faithful))
+    np.testing.assert_allclose(np.asarray(probabilities), np_negative_probabilities(logits, faithful),
+                               rtol=1e-5, atol=1e-7)
 
 
-def test_gi_itm_loss_matches_numpy():
+def test_hard_negatives_when_the_positive_holds_almost_all_the_mass():
+    """Off-diagonal softmax ~1e-13: the release's 1e-5 floor makes the draw about
+    uniform over the row, the positive itself included (a 1 in B chance)."""
+    logits = np.full((4, 4), -10.0, np.float32)
+    logits[np.diag_indices(4)] = 20.0
+    logits[0, 1] = 0.0  # a hard negative the corrected mode picks (all but) every time
+    for faithful in (False, True):
+        want = np_negative_probabilities(logits, faithful)
+        got = jax.nn.softmax(hard_negatives.negative_log_weights(jnp.asarray(logits), faithful=faithful))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-7)
+    assert np.allclose(np.diag(np_negative_probabilities(logits, True)), 0.25, atol=1e-3)
+    faithful_draws = _draw_frequencies(logits, True)[0]
+    assert np.all(np.abs(np.diag(faithful_draws) - 0.25) < 0.015)  # drawn as its own negative
+    corrected_draws = _draw_frequencies(logits, False)[0]
+    assert np.all(np.diag(corrected_draws) == 0) and corrected_draws[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("faithful", [False, True], ids=["corrected", "faithful"])
+def test_gi_itm_loss_matches_numpy(faithful):
     rs = np.random.RandomState(6)
     pos, neg_a, neg_b = (rs.normal(size=(5, 2)) for _ in range(3))
-    loss, accuracy = losses.gi_itm_loss(jnp.asarray(pos), jnp.asarray(neg_a), jnp.asarray(neg_b))
-    ce = lambda logits, label: -np_log_softmax(logits)[:, label].mean()
-    np.testing.assert_allclose(float(loss), (ce(pos, 0) + ce(neg_a, 1) + ce(neg_b, 1)) / 3, rtol=1e-5)
+    loss, accuracy = losses.gi_itm_loss(jnp.asarray(pos), jnp.asarray(neg_a), jnp.asarray(neg_b), faithful=faithful)
+    want = (np_itm_ce(pos, 0, faithful) + np_itm_ce(neg_a, 1, faithful) + np_itm_ce(neg_b, 1, faithful)) / 3
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     correct = np.concatenate([pos.argmax(1) == 0, neg_a.argmax(1) == 1, neg_b.argmax(1) == 1])
     np.testing.assert_allclose(float(accuracy), correct.mean(), rtol=1e-6)
+
+
+def test_itm_cross_entropy_on_a_confidently_wrong_pair():
+    """A positive scored [-20, 20] (sure it is NOT a match): the release's -log(p + 1e-8)
+    saturates near -log(1e-8) and passes almost no gradient; the exact loss is 40 and
+    pulls with the full gradient p - onehot."""
+    logits = np.array([[-20.0, 20.0], [1.0, -1.0]])
+    for faithful, want_loss in [(True, np_itm_ce(logits, 0, True)), (False, np_itm_ce(logits, 0, False))]:
+        value, grad = jax.value_and_grad(lambda x: losses.itm_cross_entropy(x, 0, faithful=faithful))(
+            jnp.asarray(logits, jnp.float32))
+        np.testing.assert_allclose(float(value), want_loss, rtol=1e-5)
+        p = np_softmax(logits)
+        onehot = np.array([1.0, 0.0])
+        if faithful:  # d/dz -log(p0 + eps) = -p0 (onehot - p) / (p0 + eps), averaged over rows
+            want_grad = -(p[:, :1] * (onehot - p)) / (p[:, :1] + 1e-8) / len(logits)
+        else:
+            want_grad = (p - onehot) / len(logits)
+        np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-9)
+    assert abs(np_itm_ce(logits[:1], 0, True) - (-np.log(1e-8))) < 1e-6
+    assert abs(np_itm_ce(logits[:1], 0, False) - 40.0) < 1e-6
 
 
 @pytest.mark.parametrize("cfg", [CFG, CFG_FAITHFUL], ids=["corrected", "faithful"])

@@ -101,6 +101,7 @@ def test_writer_skips_bad_records_with_reasons_and_tokenises(tmp_path, tokenizer
     meta = json.loads((tmp_path / "out" / records.META_FILE).read_text())
     assert meta["schema_version"] == records.SCHEMA_VERSION and meta["context_length"] == 77
     assert meta["tokenizer_fingerprint"] == tokenizer.fingerprint
+    assert meta["tokenizer_style"] == tokenizer.style == "openai"
     assert sorted(os.listdir(tmp_path / "out")) == sorted(
         [s["file"] for s in entry["shards"]] + [records.META_FILE, "dataset_info.json", "features.json"])
     rows = read_records(tmp_path / "out", "train")
@@ -160,6 +161,9 @@ def test_splits_accumulate_and_must_share_the_tokenizer(tmp_path, tokenizer, tok
     with pytest.raises(EntityClipError, match="tokenizer_fingerprint"):
         records.write_split(raw_examples(2), tmp_path, "dev", load_tokenizer(other_dir), SkipReport(),
                             workers=0, progress=False)
+    with pytest.raises(EntityClipError, match="tokenizer_fingerprint"):  # same vocabulary, the other style
+        records.write_split(raw_examples(2), tmp_path, "dev", load_tokenizer(tokenizer_dir, "transformers"),
+                            SkipReport(), workers=0, progress=False)
 
 
 def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokenizer):

@@ -1,10 +1,14 @@
-"""ClipTokenizer: real OpenAI vocabulary (from the open_clip_torch wheel, cached) against
-transformers' CLIPTokenizer and a plain port of OpenAI's simple_tokenizer; a tiny BPE
-trained at test time for everything that must run without the wheel."""
+"""ClipTokenizer against references independent of it: OpenAI's own tokenizer code
+(open_clip's copy of simple_tokenizer, read from the open_clip_torch wheel, never
+installed) and transformers' CLIPTokenizer built from OpenAI's vocabulary by that code;
+a tiny BPE trained at test time for everything that must run without the wheel."""
 import functools
-import gzip
-import html
+import importlib.util
 import json
+import pathlib
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -25,7 +29,76 @@ NEWS_CAPTIONS = [
     "U.S. $1,000,000 prize for 3D-printed 4K TVs; 100% up 25.5% Y/Y",
     "",
 ]
+# What OpenAI's cleaning changes: curly quotes and apostrophes, HTML entities (escaped
+# twice too), dashes, decomposed accents, mojibake, CJK, emoji, blank text.
+CLEANING_CAPTIONS = [
+    "The Queen’s speech",
+    "R&amp;B singer",
+    "‘Hamilton’ star Lin‑Manuel Miranda’s “last” show",
+    "Tom &amp;amp; Jerry &quot;reunion&quot; &#8212; at the O&#39;Reilly Theater",
+    "Trump — Clinton – debate … in St. Louis",
+    "Cafe\u0301 owner Zoe\u0308 Smith; Ångström Œuvre ÉCOLE",
+    "cafÃ© in SÃ£o Paulo, BeyoncÃ© â€œliveâ€\x9d",
+    "東京オリンピック 2020 开幕式 서울",
+    "Fans cheer 🎉🇫🇷 as Mbappé scores ⚽️ 👍🏽",
+    "\u00a0non\u2009breaking\u3000spaces\u200b and zero width",
+    "   ",
+    "",
+]
 LONG_TEXT = " ".join(["Barack Obama and Vladimir Putin discuss Syria in Geneva"] * 30)
+LONG_CURLY = " ".join(["The Queen’s “Christmas” message — 2016 &amp; beyond"] * 20)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_clip_wheel_files(cache):
+    """open_clip/tokenizer.py and the BPE file unpacked from the open_clip_torch wheel
+    (`pip download --no-deps`: read, never installed). (directory, error)."""
+    cache = pathlib.Path(cache)
+    target = cache / "open_clip"
+    if (target / "tokenizer.py").is_file() and (target / tok_lib.OPENAI_BPE_NAME).is_file():
+        return target, None
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           "--timeout", "30", "--retries", "1", "open_clip_torch", "-d", str(cache)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, str(err)
+    wheels = sorted(cache.glob("open_clip_torch-*.whl"))
+    if result.returncode != 0 or not wheels:
+        return None, result.stderr.strip()[-300:]
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in ("open_clip/tokenizer.py", f"open_clip/{tok_lib.OPENAI_BPE_NAME}"):
+            wheel.extract(name, cache)
+    return target, None
+
+
+@pytest.fixture(scope="session")
+def open_clip_dir(tmp_path_factory):
+    directory, error = _open_clip_wheel_files(str(tmp_path_factory.getbasetemp() / "open_clip_wheel"))
+    if directory is None:
+        pytest.skip(f"pip could not fetch the open_clip_torch wheel: {error}")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def openai_reference(open_clip_dir):
+    """OpenAI's SimpleTokenizer as open_clip ships it (clean="lower": fix_text, unescape x2,
+    whitespace, lower), imported from the unpacked file; __call__ is clip.tokenize."""
+    spec = importlib.util.spec_from_file_location("wheel_open_clip_tokenizer", open_clip_dir / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(str(open_clip_dir / tok_lib.OPENAI_BPE_NAME))
+
+
+def _reference_ids(reference, texts, context_length=77):
+    return reference(texts, context_length=context_length).numpy().tolist()
+
+
+def _openai_vocab():
+    path, error = _fetch_openai_vocab()
+    if path is None:
+        pytest.skip(f"OpenAI vocabulary unavailable (pip could not fetch open_clip_torch): {error}")
+    return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,13 +108,6 @@ def _fetch_openai_vocab():
         return tok_lib.ensure_openai_vocab(), None
     except EntityClipError as err:
         return None, str(err)
-
-
-def _openai_vocab():
-    path, error = _fetch_openai_vocab()
-    if path is None:
-        pytest.skip(f"OpenAI vocabulary unavailable (pip could not fetch open_clip_torch): {error}")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,86 +120,65 @@ def openai_hf_dir(tmp_path_factory):
     return tok_lib.build_hf_tokenizer_files(_openai_vocab(), tmp_path_factory.mktemp("clip_tok"))
 
 
-class OpenAISimpleTokenizer:
-    """Plain port of OpenAI CLIP's simple_tokenizer (ftfy.fix_text left out: no mojibake here)."""
-
-    def __init__(self, bpe_path):
-        import regex
-        merges = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
-        byte_encoder = tok_lib.bytes_to_unicode()
-        vocab = list(byte_encoder.values())
-        vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-        vocab += ["<|startoftext|>", "<|endoftext|>"]
-        self.byte_encoder, self.encoder = byte_encoder, dict(zip(vocab, range(len(vocab))))
-        self.bpe_ranks = dict(zip(merges, range(len(merges))))
-        self.pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                 regex.IGNORECASE)
-
-    def bpe(self, token):
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
-            best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-            if best not in self.bpe_ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == best:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-        return word
-
-    def tokenize(self, text, context_length=77):
-        import unicodedata
-        text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)).strip())
-        text = " ".join(text.split()).lower()
-        ids = []
-        for token in self.pat.findall(text):
-            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-            ids += [self.encoder[piece] for piece in self.bpe(token)]
-        ids = [49406] + ids + [49407]
-        ids = ids[:context_length]
-        ids[-1] = 49407
-        return ids + [0] * (context_length - len(ids))
-
-
 def test_photo_of_a_cat(openai_tok):
     ids, eot = openai_tok.encode(["a photo of a cat"])
     assert ids.dtype == np.int32 and ids.shape == (1, 77)
     assert ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert eot.tolist() == [6]
-    assert (ids[0, 7:] == openai_tok.pad_token_id).all()
+    assert (ids[0, 7:] == 0).all() and openai_tok.pad_token_id == 0  # clip.tokenize's padding
     assert (openai_tok.bos_token_id, openai_tok.eos_token_id, openai_tok.vocab_size) == (49406, 49407, 49408)
 
 
-def test_matches_transformers_on_news_captions(openai_tok, openai_hf_dir):
-    from transformers import CLIPTokenizer
-    hf = CLIPTokenizer.from_pretrained(str(openai_hf_dir))
-    texts = NEWS_CAPTIONS + [LONG_TEXT]
+def test_issue_examples_match_openai(openai_tok):
+    ids, eot = openai_tok.encode(["The Queen’s speech", "R&amp;B singer"])
+    assert ids[0, :eot[0] + 1].tolist() == [49406, 518, 2997, 568, 4902, 49407]
+    assert ids[1, :eot[1] + 1].tolist() == [49406, 337, 261, 321, 5108, 49407]
+
+
+def test_openai_style_equals_clip_tokenize(openai_tok, openai_reference):
+    """Whole rows, EOT and the 0 padding included, as clip.tokenize gives them."""
+    texts = NEWS_CAPTIONS + CLEANING_CAPTIONS + [LONG_TEXT, LONG_CURLY]
     ids, mask, eot = openai_tok.encode_with_mask(texts)
+    want = _reference_ids(openai_reference, texts)
+    for row, text in enumerate(texts):
+        assert ids[row].tolist() == want[row], text
+    assert openai_tok.pad_token_id == 0
+    assert (ids.argmax(-1) == eot).all()  # METHOD.md's argmax finds EOT
+    assert mask.sum(-1).tolist() == (eot + 1).tolist()
+    # Short contexts truncate as clip.tokenize does: EOT replaces the last piece.
+    short = openai_tok.encode(texts, context_length=8)[0]
+    assert short.tolist() == _reference_ids(openai_reference, texts, context_length=8)
+
+
+def test_transformers_style_equals_clip_tokenizer(openai_hf_dir, openai_reference):
+    """style="transformers": transformers' CLIPTokenizer built here from OpenAI's own encoder
+    and merge ranks (not from the files the code under test wrote): no cleaning, EOT padding."""
+    from transformers import CLIPTokenizer
+    specials = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {specials.get(token, token): i for token, i in openai_reference.encoder.items()}
+    merges = [pair for pair, _ in sorted(openai_reference.bpe_ranks.items(), key=lambda kv: kv[1])]
+    hf = CLIPTokenizer(vocab=vocab, merges=merges)
+    ours = tok_lib.load_tokenizer(openai_hf_dir, style="transformers")
+    texts = NEWS_CAPTIONS + CLEANING_CAPTIONS + [LONG_TEXT]
+    ids, mask, eot = ours.encode_with_mask(texts)
     expected = hf(texts, padding="max_length", truncation=True, max_length=77)
     assert ids.tolist() == expected["input_ids"]
     assert mask.tolist() == expected["attention_mask"]
-    assert hf.pad_token_id == openai_tok.pad_token_id == 49407
+    assert hf.pad_token_id == ours.pad_token_id == 49407
+    # The styles differ where the cleaning matters, and only in the padding elsewhere.
+    openai_ids, _, openai_eot = tok_lib.load_tokenizer(openai_hf_dir).encode_with_mask(texts)
+    assert ids[0, :eot[0] + 1].tolist() == openai_ids[0, :openai_eot[0] + 1].tolist()
+    row = len(NEWS_CAPTIONS)  # "The Queen’s speech"
+    assert ids[row, :eot[row] + 1].tolist() == [49406, 518, 2997, 728, 503, 338, 4902, 49407]
 
 
-def test_matches_openai_simple_tokenizer(openai_tok):
-    reference = OpenAISimpleTokenizer(_openai_vocab())
-    texts = NEWS_CAPTIONS + [LONG_TEXT]
-    ids, eot = openai_tok.encode(texts)
-    for row, text in enumerate(texts):
-        want = reference.tokenize(text)
-        got = ids[row].tolist()
-        # OpenAI pads with 0, the HF checkpoint with EOT: compare up to EOT, then the padding.
-        assert got[:eot[row] + 1] == want[:eot[row] + 1], text
-        assert want[eot[row]] == 49407 and not any(want[eot[row] + 1:])
-    # argmax of the ids finds EOT (METHOD.md), even with EOT used as padding.
-    assert (ids.argmax(-1) == eot).all()
+def test_style_is_part_of_the_fingerprint(openai_hf_dir):
+    openai = tok_lib.load_tokenizer(openai_hf_dir)
+    transformers_style = tok_lib.load_tokenizer(openai_hf_dir, style="transformers")
+    assert openai.style == "openai" and transformers_style.style == "transformers"
+    assert openai.fingerprint != transformers_style.fingerprint
+    with pytest.raises(EntityClipError, match="style"):
+        tok_lib.load_tokenizer(openai_hf_dir, style="ftfy")
 
 
 def test_long_text_truncation_keeps_eot_last(openai_tok):
@@ -213,10 +258,9 @@ def test_cli_writes_hf_files(tmp_path, capsys):
         [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
-def test_ensure_openai_vocab_extracts_from_the_wheel(tmp_path):
-    cached = _openai_vocab()  # skips when pip cannot reach open_clip_torch
+def test_ensure_openai_vocab_extracts_from_the_wheel(tmp_path, open_clip_dir):
     fresh = tok_lib.ensure_openai_vocab(tmp_path)  # a new cache dir: downloads and extracts again
     assert fresh == tmp_path / tok_lib.OPENAI_BPE_NAME
-    assert fresh.read_bytes() == cached.read_bytes()
+    assert fresh.read_bytes() == (open_clip_dir / tok_lib.OPENAI_BPE_NAME).read_bytes()
     assert not list(tmp_path.glob("*.partial"))
     assert tok_lib.ensure_openai_vocab(tmp_path) == fresh  # second call: from the cache

@@ -146,8 +146,11 @@ def test_train_command_reports_bad_overrides(tmp_path, capsys):
     assert code == 2 and "optimizer.lr" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec, init, lr", [("n24news.py", "vit-b-32", 1e-5), ("n24news.py:b16", "vit-b-16", 1e-5),
-                                            ("visualnews.py", "vit-b-32", 1e-5), ("goodnews.py:b16", "vit-b-16", 5e-6)])
+B32, B16 = "openai/clip-vit-base-patch32", "openai/clip-vit-base-patch16"  # pretrained, by hub id
+
+
+@pytest.mark.parametrize("spec, init, lr", [("n24news.py", B32, 1e-5), ("n24news.py:b16", B16, 1e-5),
+                                            ("visualnews.py", B32, 1e-5), ("goodnews.py:b16", B16, 5e-6)])
 def test_release_configs(spec, init, lr):
     config = load_config(str(ROOT / "configs" / spec))
     assert (config.model.init, config.optimizer.learning_rate) == (init, lr)

@@ -8,15 +8,16 @@ def _progress(message):
 
 
 def configure_import_hf(parser):
-    parser.add_argument("source", help="Hugging Face CLIPModel directory (config.json + weights)")
+    parser.add_argument("source", help="Hugging Face CLIPModel directory (config.json + weights) or hub id "
+                                       "(org/name[@revision], e.g. openai/clip-vit-base-patch32)")
     parser.add_argument("out", help="new towers directory (clip_config.json + Orbax params)")
 
 
 def run_import_hf(args):
     from entityclip_jax.convert.hf import load_hf_checkpoint
-    from entityclip_jax.models.loading import save_towers
+    from entityclip_jax.models.loading import resolve_checkpoint, save_towers
     _progress(f"reading {args.source}")
-    config, params = load_hf_checkpoint(args.source)
+    config, params = load_hf_checkpoint(resolve_checkpoint(args.source))
     _progress(f"converted {_count(params):,} parameters; writing {args.out}")
     save_towers(params, config, args.out)
     _progress(f"done: {args.out}")

@@ -281,7 +281,8 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"schema_version": SCHEMA_VERSION, "context_length": context_length,
-            "tokenizer_fingerprint": tokenizer.fingerprint, "dataset_name": DATASET_NAME, "splits": {}}
+            "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_style": tokenizer.style,
+            "dataset_name": DATASET_NAME, "splits": {}}
     if (out_dir / META_FILE).is_file():
         old = read_meta(out_dir)
         for key in ("tokenizer_fingerprint", "context_length"):

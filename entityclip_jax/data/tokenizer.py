@@ -6,14 +6,20 @@ with the "</w>" end-of-word suffix). We add BOS/EOT and truncate ourselves, the
 way OpenAI's clip.tokenize does: [BOS] + pieces[:n - 2] + [EOT], so EOT is always
 present and its index per row is known exactly.
 
-Padding follows the checkpoint's tokenizer: Hugging Face's openai/clip-* (and the
-files `build_hf_tokenizer_files` writes) pad with "<|endoftext|>" (49407), OpenAI's
-original pads with 0. Use the returned `eot_index`; the argmax of the ids (METHOD.md)
-finds the same position for the OpenAI vocabulary even with EOT as padding,
-because argmax returns the FIRST maximum.
+Two styles (part of the fingerprint, so records of one are never read as the other):
+  "openai"        (default) exactly OpenAI's clip.tokenize, which CLIP was pretrained
+                  and the EntityCLIP release trained with: the text is cleaned first
+                  (ftfy.fix_text, HTML entities unescaped twice, whitespace collapsed,
+                  lower-cased; curly quotes become straight ones) and rows are padded
+                  with id 0 after EOT (the release's experts attend to that padding).
+  "transformers"  transformers' CLIPTokenizer: no cleaning, padded with the
+                  checkpoint's pad token (49407 for Hugging Face's openai/clip-*).
+Use the returned `eot_index`; the argmax of the ids (METHOD.md) finds the same
+position for the OpenAI vocabulary with either padding (argmax returns the FIRST maximum).
 """
 import gzip
 import hashlib
+import html
 import json
 import os
 import pathlib
@@ -23,30 +29,42 @@ import sys
 import tempfile
 import zipfile
 
+import ftfy
 import numpy as np
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.loading import resolve_checkpoint
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 OPENAI_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_NUM_MERGES = 49152 - 256 - 2  # what OpenAI's simple_tokenizer keeps
 DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "entityclip_jax"
+STYLES = ("openai", "transformers")
+OPENAI_PAD_ID = 0  # clip.tokenize's zeros after EOT
+
+
+def openai_clean(text):
+    """OpenAI's simple_tokenizer cleaning: basic_clean, whitespace_clean, lower()."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
 
 
 class ClipTokenizer:
     """CLIP tokenizer over a `tokenizers.Tokenizer` backend (a fast CLIP BPE)."""
 
-    def __init__(self, backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN):
+    def __init__(self, backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, style="openai"):
+        if style not in STYLES:
+            raise EntityClipError(f"unknown tokenizer style {style!r}; choose one of {STYLES}")
         self.backend = backend
         backend.no_padding()     # a checkpoint's tokenizer.json may pad/truncate; we do both ourselves
         backend.no_truncation()
-        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.style = style
+        self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = self._token_id(bos_token, "bos")
         self.eos_token_id = self._token_id(eos_token, "eos")
-        self.pad_token_id = self._token_id(pad_token, "pad")
+        self.pad_token_id = OPENAI_PAD_ID if style == "openai" else self._token_id(pad_token, "pad")
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = _fingerprint(backend, bos_token, eos_token, pad_token)
+        self.fingerprint = _fingerprint(backend, style, self.pad_token_id, bos_token, eos_token)
 
     def _token_id(self, token, role):
         token_id = self.backend.token_to_id(token)
@@ -61,7 +79,8 @@ class ClipTokenizer:
             raise TypeError("encode takes a list of strings, not one string")
         if context_length < 2:
             raise EntityClipError(f"context_length must be at least 2 (BOS and EOT), got {context_length}")
-        pieces = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = [openai_clean(t) for t in texts] if self.style == "openai" else list(texts)
+        pieces = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         ids = np.full((len(pieces), context_length), self.pad_token_id, np.int32)
         eot_index = np.empty(len(pieces), np.int32)
         for row, body in enumerate(pieces):
@@ -79,11 +98,11 @@ class ClipTokenizer:
         return ids, eot_index
 
     def decode(self, ids):
-        """Text of one row of ids; stops at the first EOT, drops special tokens."""
+        """Text of one row of ids; stops at the first EOT (the padding follows it), drops BOS."""
         ids = [int(i) for i in ids]
         if self.eos_token_id in ids:
             ids = ids[:ids.index(self.eos_token_id)]
-        ids = [i for i in ids if i not in (self.bos_token_id, self.eos_token_id, self.pad_token_id)]
+        ids = [i for i in ids if i != self.bos_token_id]
         text = self.backend.decode(ids, skip_special_tokens=True)
         return " ".join(text.replace("</w>", " ").split())
 
@@ -93,12 +112,13 @@ class ClipTokenizer:
                 for i in ids]
 
 
-def _fingerprint(backend, *special_tokens):
-    """Hash of vocabulary + merges + special tokens, independent of file layout."""
+def _fingerprint(backend, style, pad_id, *special_tokens):
+    """Hash of vocabulary + merges + special tokens + style and padding, independent of file layout."""
     model = json.loads(backend.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    payload = json.dumps({"vocab": vocab, "merges": merges, "special": list(special_tokens)},
+    payload = json.dumps({"vocab": vocab, "merges": merges, "special": list(special_tokens),
+                          "style": style, "pad_id": pad_id},
                          ensure_ascii=False, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
@@ -116,13 +136,16 @@ def _special_tokens(directory):
             found.get("pad_token", found.get("eos_token", EOS_TOKEN)))
 
 
-def load_tokenizer(path):
-    """ClipTokenizer from a HF checkpoint directory or OpenAI's bpe_simple_vocab_16e6.txt.gz."""
-    path = pathlib.Path(path).expanduser()
+def load_tokenizer(path, style="openai"):
+    """ClipTokenizer from a HF checkpoint directory or hub id, or OpenAI's bpe_simple_vocab_16e6.txt.gz.
+
+    style: "openai" (clip.tokenize: cleaned text, 0 padding) or "transformers" (module docstring).
+    """
+    path = pathlib.Path(resolve_checkpoint(str(path))).expanduser()
     if path.is_file() and path.name.endswith(".gz"):
         with tempfile.TemporaryDirectory() as tmp:
             build_hf_tokenizer_files(path, tmp)
-            return load_tokenizer(tmp)
+            return load_tokenizer(tmp, style)
     if not path.is_dir():
         raise EntityClipError(f"tokenizer path {path} does not exist; give a Hugging Face CLIP checkpoint "
                               f"directory (tokenizer.json, or vocab.json + merges.txt) or {OPENAI_BPE_NAME}")
@@ -135,7 +158,7 @@ def load_tokenizer(path):
         raise EntityClipError(f"{path} holds no tokenizer.json and no vocab.json + merges.txt; "
                               "point at a Hugging Face CLIP checkpoint directory, or build one with "
                               "`entityclip tokenizer --bpe bpe_simple_vocab_16e6.txt.gz --out DIR`")
-    return ClipTokenizer(backend, *_special_tokens(path))
+    return ClipTokenizer(backend, *_special_tokens(path), style=style)
 
 
 def _clip_backend(directory):

@@ -32,6 +32,9 @@ def configure(parser):
     add_source_arguments(parser)
     parser.add_argument("--tokenizer", required=True,
                         help="Hugging Face CLIP checkpoint/tokenizer directory or bpe_simple_vocab_16e6.txt.gz")
+    parser.add_argument("--tokenizer-style", choices=("openai", "transformers"), default="openai",
+                        help="openai (default): clip.tokenize exactly, cleaned text, 0 padding; "
+                             "transformers: CLIPTokenizer's ids, no cleaning, the checkpoint's padding")
     parser.add_argument("--out", required=True, help="records directory (other splits in it are kept)")
     parser.add_argument("--examples-per-shard", type=int, default=1024)
     parser.add_argument("--context-length", type=int, default=77)
@@ -75,7 +78,7 @@ def run(args):
     from entityclip_jax.data.records import write_split
     from entityclip_jax.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_style)
     report = SkipReport()
     entry = write_split(source_examples(args, report), args.out, args.split, tokenizer, report,
                         context_length=args.context_length, examples_per_shard=args.examples_per_shard,

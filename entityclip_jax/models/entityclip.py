@@ -9,6 +9,7 @@ into the token features it needs (METHOD.md "Backbone"): V from the image, T
 from the query and E from the explanation through the SAME text tower.
 """
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from entityclip_jax.losses import clip_contrastive_loss, entityclip_loss, logit_
 from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.models.clip_config import CLIPConfig, PRESETS
 from entityclip_jax.models.heads import HeadsConfig, init_heads
+from entityclip_jax.models.loading import load_towers, resolve_checkpoint
 
 MODES = ("entityclip", "clip_finetune")
 
@@ -50,29 +52,61 @@ def model_from_config(config, clip_config):
                       remat=config.model.remat)
 
 
-def tower_source(config):
-    """(CLIPConfig, host params or None): a preset gives an architecture to initialise
-    randomly; anything else is loaded (models/loading.load_towers)."""
-    init = config.model.init
-    overrides = {k: config.model[k] for k in ("vocab_size", "eos_token_id") if config.model.get(k) is not None}
+RANDOM_PREFIX = "random:"
+PRETRAINED_BY_PRESET = {"vit-b-32": "openai/clip-vit-base-patch32", "vit-b-16": "openai/clip-vit-base-patch16",
+                        "vit-l-14": "openai/clip-vit-large-patch14"}
+
+
+def random_preset(init):
+    """The preset name of "random:NAME", None for a checkpoint path or hub id. A bare
+    preset name is refused: random towers must be asked for, never implied."""
     if init in PRESETS:
-        clip = PRESETS[init]
+        pretrained = PRETRAINED_BY_PRESET.get(init)
+        hint = f", or {pretrained} for OpenAI's pretrained weights" if pretrained else ""
+        raise EntityClipError(f"model.init={init!r} names an architecture, not weights: write "
+                              f"--config.model.init={RANDOM_PREFIX}{init} for RANDOM towers{hint}")
+    if not init.startswith(RANDOM_PREFIX):
+        return None
+    name = init[len(RANDOM_PREFIX):]
+    if name not in PRESETS:
+        raise EntityClipError(f"unknown architecture in model.init={init!r}; choose one of "
+                              f"{[RANDOM_PREFIX + n for n in sorted(PRESETS)]}")
+    return name
+
+
+def describe_init(init):
+    """One line saying where the towers start from (a training run's first log line)."""
+    name = random_preset(init)
+    if name is not None:
+        return (f"towers: RANDOM weights ({init}), not pretrained: every weight is learned from this data; "
+                f"set model.init to a checkpoint or hub id (e.g. {PRETRAINED_BY_PRESET.get(name, 'org/name')}) "
+                "to fine-tune pretrained towers")
+    return f"towers: pretrained, from {init}"
+
+
+def tower_source(config, init=None):
+    """(CLIPConfig, host params or None): "random:PRESET" gives an architecture to
+    initialise randomly; anything else is loaded (models/loading.load_towers).
+    init: model.init already resolved to a local path (default: resolve it here)."""
+    overrides = {k: config.model[k] for k in ("vocab_size", "eos_token_id") if config.model.get(k) is not None}
+    name = random_preset(config.model.init)
+    if name is not None:
+        clip = PRESETS[name]
         return dataclasses.replace(clip, text=dataclasses.replace(clip.text, **overrides)), None
     if overrides:
-        raise EntityClipError(f"model.vocab_size / model.eos_token_id apply to preset towers only; "
-                              f"{init!r} brings its own text config: drop those overrides")
-    from entityclip_jax.models.loading import load_towers
-    return load_towers(init)
+        raise EntityClipError(f"model.vocab_size / model.eos_token_id apply to random towers only; "
+                              f"{config.model.init!r} brings its own text config: drop those overrides")
+    return load_towers(init or config.model.init)
 
 
-def release_heads(config, model):
+def release_heads(config, model, init=None):
     """The experts, gates and ITM head that model.init brings: an EntityCLIP release
-    checkpoint (a .pt of the authors' code) or an `entityclip export-hf` directory;
-    None when it holds towers only."""
-    import os
-    init = config.model.init
-    if model.mode != "entityclip" or init in PRESETS:
+    checkpoint (a .pt of the authors' code) or an `entityclip export-hf` directory
+    (local or on the hub); None when it holds towers only.
+    init: model.init already resolved to a local path (default: resolve it here)."""
+    if model.mode != "entityclip" or random_preset(config.model.init) is not None:
         return None
+    init = init or resolve_checkpoint(config.model.init)
     from entityclip_jax.convert.heads_file import has_heads, load_heads
     if os.path.isdir(init) and has_heads(init):  # an `entityclip export-hf` directory
         return load_heads(init, jax.eval_shape(
@@ -91,14 +125,16 @@ def init_entityclip(rng, config):
     trained with the authors' code continues here), else freshly initialised
     with the release's initialisation."""
     from entityclip_jax.models.clip import init_params
-    clip_config, tower_params = tower_source(config)
+    # Resolved once: a hub id is looked up (and downloaded) a single time.
+    init = None if random_preset(config.model.init) is not None else resolve_checkpoint(config.model.init)
+    clip_config, tower_params = tower_source(config, init)
     model = model_from_config(config, clip_config)
     tower_rng, heads_rng = jax.random.split(rng)
     if tower_params is None:
         tower_params = init_params(clip_config, tower_rng)
     params = {"clip": tower_params}
     if model.mode == "entityclip":
-        params["heads"] = release_heads(config, model)
+        params["heads"] = release_heads(config, model, init)
         if params["heads"] is None:
             params["heads"] = init_heads(heads_rng, model.heads, clip_config.projection_dim)
     return model, params

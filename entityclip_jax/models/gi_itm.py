@@ -62,7 +62,3 @@ def itm_logits(heads, v_cls, t_eot, experts, *, dtype=jnp.float32):
     z = gate_weights(heads["itm_gate"], jnp.concatenate([v_cls, t_eot], axis=-1), dtype=dtype)
     return dense(heads["itm_head"], gated_sum(z, stacked), dtype).astype(jnp.float32)
 
-
-def itm_probabilities(heads, v_cls, t_eot, experts, *, dtype=jnp.float32):
-    """p = softmax(itm_head(fused)): [B, 2], p[:, 0] = probability of a match."""
-    return jax.nn.softmax(itm_logits(heads, v_cls, t_eot, experts, dtype=dtype), axis=-1)

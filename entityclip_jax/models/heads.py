@@ -1,7 +1,7 @@
 """EntityCLIP's training-only heads: the expert stacks, the gates and the ITM head.
 
 The linen module only creates parameters; the math lives in mmae.py, gi_itm.py
-and losses.py. Parameter tree (n_v, n_s, n_t expert counts, D width):
+and losses.py (entityclip_loss applies it to this tree). Parameter tree (n_v, n_s, n_t expert counts, D width):
     image_experts, explanation_experts, text_experts: stacked expert blocks
         {layer_norm1: {scale, bias}, self_attn: {q_proj, k_proj, v_proj, out_proj},
          layer_norm2: {scale, bias}, mlp: {fc1 [D, 4D], fc2 [4D, D]}}, each leaf [n, ...]
@@ -18,14 +18,11 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from entityclip_jax.models.gi_itm import expert_features, image_star, itm_logits, text_star
-from entityclip_jax.models.mmae import read_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +77,6 @@ class EntityHeads(nn.Module):
     num_explanation_experts: int = 4
     num_text_experts: int = 4
     dim: int = 512
-    dtype: Any = jnp.float32
 
     def setup(self):
         n_v, n_s, n_t, dim = self.num_image_experts, self.num_explanation_experts, self.num_text_experts, self.dim
@@ -99,23 +95,6 @@ class EntityHeads(nn.Module):
         names = ("image_experts", "explanation_experts", "text_experts",
                  "image_gate", "text_gate", "itm_gate", "itm_head")
         return {name: getattr(self, name) for name in names}
-
-    def __call__(self, V, T, t_mask, t_eot_index, E, e_mask):
-        """Positive-triple outputs: V*, T*, GI-ITM logits [B, 2] and the expert stacks."""
-        heads = self.parameters()
-        v_cls, t_eot = V[:, 0], read_tokens(T, t_eot_index)
-        experts = expert_features(heads, V, T, t_mask, t_eot_index, E, e_mask, dtype=self.dtype)
-        return dict(
-            image_star=image_star(heads, v_cls, experts["e_v"], experts["s_v"], dtype=self.dtype),
-            text_star=text_star(heads, t_eot, experts["e_t"], experts["s_t"], dtype=self.dtype),
-            itm_logits=itm_logits(heads, v_cls, t_eot, experts, dtype=self.dtype),
-            **experts)
-
-
-def heads_module(cfg, dim):
-    return EntityHeads(num_image_experts=cfg.num_image_experts,
-                       num_explanation_experts=cfg.num_explanation_experts,
-                       num_text_experts=cfg.num_text_experts, dim=dim, dtype=jnp.dtype(cfg.dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))

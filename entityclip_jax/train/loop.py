@@ -20,7 +20,7 @@ import numpy as np
 
 from entityclip_jax.data.pipeline import to_global_arrays
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import abstract_params, init_entityclip, model_from_config
+from entityclip_jax.models.entityclip import abstract_params, describe_init, init_entityclip, model_from_config
 from entityclip_jax.train import checkpoint as ckpt
 from entityclip_jax.train import data, optimizer, sharding
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
@@ -118,6 +118,8 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps):
     """(model, tx, schedule, state shardings, state, step): fresh from the config, or the latest checkpoint."""
     resume_step = checkpointer.latest_step()
     if resume_step is None:
+        if jax.process_index() == 0:
+            print(describe_init(config.model.init), flush=True)  # first line: random or pretrained towers
         model, params = init_entityclip(jax.random.key(config.seed), config)
         ckpt.write_run_files(workdir, model.clip, config)
         shapes = jax.eval_shape(lambda p: p, params)
