@@ -14,6 +14,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.entityclip import random_preset
 
 
 def default_config():
@@ -204,6 +205,7 @@ def validate_config(config, device_count=None):
     if config.batch_size % device_count:
         fail(f"batch_size {config.batch_size} does not split over the {device_count} devices; use a multiple of "
              f"{device_count}, e.g. --config.batch_size={max(1, config.batch_size // device_count) * device_count}")
+    random_preset(config.model.init)  # a bare preset name is refused here, not after the data loads
     _check_context_length(config)
     return config
 
@@ -256,8 +258,9 @@ def _check_context_length(config):
 def _text_positions(init):
     """max_position_embeddings of model.init when cheap to know (preset or config file), else None."""
     from entityclip_jax.models.clip_config import PRESETS
-    if init in PRESETS:
-        return PRESETS[init].text.max_position_embeddings
+    preset = str(init).removeprefix("random:")
+    if preset in PRESETS:
+        return PRESETS[preset].text.max_position_embeddings
     for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
                        ("config.json", ("text_config", "max_position_embeddings"))):
         try:

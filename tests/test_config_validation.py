@@ -33,6 +33,7 @@ BAD = [
     ("--config.train.batch_size=8", "unknown config key 'train.batch_size' in --config.train.batch_size=8; "
                                     "did you mean --config.batch_size?"),
     ("--config.optimizer.lr=1", "unknown config key 'optimizer.lr'"),
+    ("--config.model.init=vit-b-16", "names an architecture, not weights: write --config.model.init=random:vit-b-16"),
 ]
 
 
@@ -43,7 +44,7 @@ def test_bad_config_is_one_line_before_data(override, message, records, tmp_path
     monkeypatch.setattr(pipeline, "split_size", no_data)
     monkeypatch.setattr(pipeline, "make_dataset", no_data)
     code = cli_main(["train", "--config", "configs/tiny_cpu.py", "--workdir", str(tmp_path / "run"),
-                     "--config.model.init=vit-b-32", "--config.data.dir=/nonexistent", override])
+                     "--config.model.init=random:vit-b-32", "--config.data.dir=/nonexistent", override])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -53,9 +54,10 @@ def test_bad_config_is_one_line_before_data(override, message, records, tmp_path
 def test_context_length_longer_than_the_towers_positions(records):
     config = default_config()
     config.data.dir = str(records)
+    config.model.init = "random:vit-b-32"
     with pytest.raises(EntityClipError, match="hold 100 tokens per text.*77 positions.*--context-length 77"):
         validate_config(config, device_count=8)
-    config.model.init = "tiny"
+    config.model.init = "random:tiny"
     with pytest.raises(EntityClipError, match="100 tokens per text"):
         validate_config(config, device_count=8)
 
