@@ -132,7 +132,7 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps):
     if resume_step is None:
         return model, tx, schedule, shardings, create_train_state(params, tx, shardings), 0
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, saved_position = checkpointer.restore(target, resume_step)
+    state, saved_position, resume_step = checkpointer.restore_latest_intact(target)
     data.check_position(saved_position, steps_in_epoch, config)
     log.info("resumed from %s at step %d", checkpointer.directory, resume_step)
     return model, tx, schedule, shardings, state, resume_step
