@@ -9,27 +9,41 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 import tensorstore as ts
 
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import checkpoint as ckpt
 from entityclip_jax.train import sharding
-from tests._tiny_training import build_state, tiny_config, tiny_model
-from tests.test_checkpoint import restore_target
+from entityclip_jax.models.clip_config import PRESETS
+from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
+from tests._tiny_training import tiny_config
 
 STEPS = (1, 2, 3)
+
+
+def small_state(mesh):
+    """(TrainState, its abstract target) of a few arrays under the names the checks report:
+    a full tiny EntityCLIP state has thousands of leaves and saves slowly."""
+    rng = np.random.default_rng(0)
+    params = {"clip": {"visual_projection": {"kernel": rng.normal(size=(256, 64)).astype(np.float32)},
+                       "logit_scale": np.float32(2.6)},
+              "heads": {"itm_head": {"kernel": rng.normal(size=(64, 2)).astype(np.float32)}}}
+    tx = optax.adam(1e-3)
+    abstract = abstract_state(jax.eval_shape(lambda p: p, params), tx)
+    shardings = sharding.to_shardings(state_specs(abstract, mesh, ((".*", "replicate"),), 0), mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return create_train_state(params, tx, shardings), target
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A workdir with checkpoints at steps 1..3 (keep=3) and the host state of each step."""
     workdir = tmp_path_factory.mktemp("run")
-    model, params = tiny_model()
     config = tiny_config(**{"checkpoint.keep": 3, "checkpoint.best_metric": ""})
-    mesh = sharding.make_mesh(config.mesh)
-    _, state, _, _ = build_state(model, params, config, mesh)
-    ckpt.write_run_files(workdir, model.clip, config)
+    state, _ = small_state(sharding.make_mesh(config.mesh))
+    ckpt.write_run_files(workdir, PRESETS["tiny"], config)
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
     advance = jax.jit(lambda s: s.replace(step=s.step + 1, params=jax.tree.map(lambda x: x + 1.0, s.params)))
     states = {}
@@ -77,10 +91,16 @@ def truncate(workdir, step):
     os.truncate(path, offset + length // 2)
 
 
+def target(config):
+    return small_state(sharding.make_mesh(config.mesh))[1]
+
+
 def resume(workdir, config):
-    model, _ = tiny_model()
-    mesh = sharding.make_mesh(config.mesh)
-    return ckpt.Checkpointer(workdir, config.checkpoint).restore_latest_intact(restore_target(config, model, mesh))
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    try:
+        return checkpointer.restore_latest_intact(target(config))
+    finally:
+        checkpointer.close()
 
 
 def assert_state(state, expected):
@@ -118,21 +138,20 @@ def test_resume_falls_back_to_the_step_before_a_damaged_one(run, damage, caplog)
 def test_values_that_no_run_holds_are_damage(run, value):
     """Written with valid checksums (a bug or a bad disk before the write), still refused."""
     workdir, config, states = run
-    model, _ = tiny_model()
-    mesh = sharding.make_mesh(config.mesh)
-    target = restore_target(config, model, mesh)
-
+    restore_to = target(config)
     def poison(path, leaf, target_leaf):  # the optimizer moments are checked too, not only the parameters
         leaf = np.array(leaf)
         if sharding.path_name(path).endswith("mu/clip/visual_projection/kernel"):
             leaf[0, 0] = value
         return jax.device_put(leaf, target_leaf.sharding)
-    bad = jax.tree_util.tree_map_with_path(poison, states[3], target)
+    bad = jax.tree_util.tree_map_with_path(poison, states[3], restore_to)
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
     checkpointer.save(4, bad, {"step": 4})
     checkpointer.close()
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
     with pytest.raises(ckpt.DamagedCheckpoint, match="mu/clip/visual_projection/kernel holds"):
-        ckpt.Checkpointer(workdir, config.checkpoint).restore(target, 4)
+        checkpointer.restore(restore_to, 4)
+    checkpointer.close()
     assert resume(workdir, config)[2] == 3
 
 

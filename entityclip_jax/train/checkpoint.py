@@ -90,8 +90,9 @@ def read_problem(err):
 
 
 @jax.jit
-def _max_abs(leaves):
-    return [jnp.max(jnp.abs(x)) for x in leaves]
+def _peaks(leaves):
+    """max |x| per leaf, inf when it holds a NaN or Inf (XLA's max may skip NaN)."""
+    return [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf)) for x in leaves]
 
 
 def check_values(tree, where):
@@ -100,8 +101,8 @@ def check_values(tree, where):
              if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size]
     on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
     on_host = [(name, leaf) for name, leaf in named if not isinstance(leaf, jax.Array)]
-    peaks = [float(p) for p in jax.device_get(_max_abs([leaf for _, leaf in on_device]))] if on_device else []
-    peaks += [float(np.max(np.abs(leaf))) for _, leaf in on_host]
+    peaks = [float(p) for p in jax.device_get(_peaks([leaf for _, leaf in on_device]))] if on_device else []
+    peaks += [float(np.max(np.where(np.isfinite(leaf), np.abs(leaf), np.inf))) for _, leaf in on_host]
     for (name, _), peak in zip(on_device + on_host, peaks):
         if not np.isfinite(peak):
             raise DamagedCheckpoint(f"{where}: {name} holds NaN or Inf")
