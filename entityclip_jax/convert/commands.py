@@ -43,6 +43,8 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
     save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite)
+    from entityclip_jax.train.tokenizer_match import copy_run_tokenizer
+    copy_run_tokenizer(checkpoint, out)  # the tokenizer a training run's records were written with
     if heads is not None:
         from entityclip_jax.convert.heads_file import save_heads
         _progress(f"saved the experts beside it for resuming: {save_heads(heads, out)}")

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run, and the run's files beside them.
 
     WORKDIR/towers_config.json    the towers' architecture (a CLIPConfig)
-    WORKDIR/train_config.json     the training config the run started with
+    WORKDIR/train_config.json     the training config in force (history: configs/, run_config.py)
     WORKDIR/checkpoints/<step>/   state (TrainState) + data (position in the data stream)
 
 (Not clip_config.json / config.json: models/loading.py takes a directory holding
@@ -37,12 +37,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.train.run_config import TRAIN_CONFIG, write_config
 from entityclip_jax.train.sharding import path_name
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "damaged_checkpoints"
 CLIP_CONFIG = "towers_config.json"
-TRAIN_CONFIG = "train_config.json"
 # No parameter or Adam moment of a sane run comes near this; a flipped exponent bit lands far above it.
 MAX_ABS = 1e10
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ def write_run_files(workdir, clip_config, config):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CLIP_CONFIG), "w") as f:
         json.dump(clip_config.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
-        f.write(config.to_json(indent=2))
+    write_config(workdir, config, step=0)
 
 
 def read_clip_config(workdir):

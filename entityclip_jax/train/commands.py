@@ -7,6 +7,9 @@ def configure(parser):
                         help="config file with get_config(), e.g. configs/n24news.py or configs/n24news.py:b16")
     parser.add_argument("--workdir", required=True,
                         help="run directory: checkpoints, metrics, TensorBoard; an existing one is resumed")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the config changes the run's meaning (learning rate, steps, "
+                             "data, model ...); every change is logged and kept in WORKDIR/configs/")
 
 
 def run(args):
@@ -17,6 +20,7 @@ def run(args):
     from entityclip_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = train(load_config(args.config, args.overrides), args.workdir)
+    summary = train(load_config(args.config, args.overrides), args.workdir,
+                    allow_config_change=args.allow_config_change)
     print(json.dumps({"done": summary}, default=float))
     return 0
