@@ -2,6 +2,7 @@
 --allow-config-change, logged and kept in the history), a damaged latest step is
 skipped for the one before it, records written with another tokenizer are refused
 before any step or metric, and an unwritable workdir fails before any step."""
+import dataclasses
 import json
 import logging
 import os
@@ -65,32 +66,43 @@ def run(finished_run, tmp_path):
 
 def test_a_changed_config_is_refused_then_accepted_logged_and_kept(records, run, caplog, capsys):
     saved = (run / ckpt.TRAIN_CONFIG).read_text()
-    changed = config(records, **{"optimizer.learning_rate": 2e-3, "num_train_steps": 6})
+    changed = config(records, **{"optimizer.learning_rate": 2e-3, "num_train_steps": 6, "log.every_steps": 3})
     with pytest.raises(EntityClipError, match=r"trained with: num_train_steps 4 -> 6; optimizer.learning_rate "
                                               r"0.001 -> 0.002\. .*--allow-config-change"):
         loop.train(changed, str(run))
     assert (run / ckpt.TRAIN_CONFIG).read_text() == saved and trained_steps(run) == [1, 2, 3, 4]
 
-    # harmless knobs only: accepted without the flag, each with a log line
-    with caplog.at_level(logging.WARNING, logger=run_config.__name__):
-        loop.train(config(records, **{"log.every_steps": 3, "checkpoint.keep": 2}), str(run))
-    assert "resumed from step 4" in capsys.readouterr().out
-    accepted = [r.getMessage() for r in caplog.records]
-    assert len(accepted) == 2 and "checkpoint.keep 3 -> 2" in accepted[0] and "log.every_steps" in accepted[1]
-
-    caplog.clear()
     with caplog.at_level(logging.WARNING, logger=run_config.__name__):
         summary = loop.train(changed, str(run), allow_config_change=True)
     assert summary["step"] == 6 and trained_steps(run) == [1, 2, 3, 4, 5, 6]
     assert "resumed from step 4" in capsys.readouterr().out
-    assert any("optimizer.learning_rate 0.001 -> 0.002 (accepted: --allow-config-change)" in r.getMessage()
-               for r in caplog.records)
+    accepted = [r.getMessage() for r in caplog.records if r.name == run_config.__name__]
+    assert len(accepted) == 3 and "log.every_steps 5 -> 3 (accepted: it does not change" in accepted[0]
+    assert "optimizer.learning_rate 0.001 -> 0.002 (accepted: --allow-config-change)" in accepted[2]
     current = json.loads((run / ckpt.TRAIN_CONFIG).read_text())
     assert (current["optimizer"]["learning_rate"], current["num_train_steps"]) == (2e-3, 6)
     history = sorted(os.listdir(run / run_config.HISTORY))
     assert history == ["train_config.0.json", "train_config.4.json"]
     assert json.loads((run / run_config.HISTORY / "train_config.0.json").read_text()) == json.loads(saved)
     assert (run / run_config.HISTORY / "train_config.4.json").read_text() == (run / ckpt.TRAIN_CONFIG).read_text()
+
+
+def test_harmless_changes_are_accepted_without_the_flag(records, tmp_path, caplog, capsys):
+    """An older run without configs/ keeps its first config in the history."""
+    (tmp_path / ckpt.TRAIN_CONFIG).write_text(config(records).to_json())
+    harmless = config(records, **{"checkpoint.every_steps": 7, "eval.batch_size": 8, "mesh": (("data", 4), ("fsdp", 2))})
+    with caplog.at_level(logging.WARNING, logger=run_config.__name__):
+        run_config.accept_resume_config(str(tmp_path), harmless, 12)
+    assert capsys.readouterr().out == "resumed from step 12\n"
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == run_config.__name__] == [
+        "resuming with a changed config: checkpoint.every_steps 2 -> 7", "resuming with a changed config: "
+        "eval.batch_size 64 -> 8", "resuming with a changed config: mesh [['data', -1], ['fsdp', 1]] -> "
+        "[['data', 4], ['fsdp', 2]]"]
+    assert sorted(os.listdir(tmp_path / run_config.HISTORY)) == ["train_config.0.json", "train_config.12.json"]
+    for meaningful in ({"heads.num_text_experts": 3}, {"seed": 1}, {"data.dir": "elsewhere"},
+                       {"optimizer.schedule": "constant"}, {"num_epochs": 3}):
+        with pytest.raises(EntityClipError, match=f"trained with: {next(iter(meaningful))} "):
+            run_config.accept_resume_config(str(tmp_path), config(records, **meaningful), 12)
 
 
 def test_the_cli_resumes_from_the_step_before_a_damaged_latest_one(records, run, capsys, caplog):
@@ -113,14 +125,17 @@ def test_the_cli_resumes_from_the_step_before_a_damaged_latest_one(records, run,
 
 
 def test_records_of_another_tokenizer_are_refused_before_any_step(records, run, tmp_path):
-    _, vocab_size, eos_id = records
+    data_dir, vocab_size, eos_id = records
+    text = ckpt.read_clip_config(run).text
     with pytest.raises(EntityClipError, match=f"outside the model's vocabulary of {vocab_size - 50}"):
-        loop.train(config(records, **{"model.vocab_size": vocab_size - 50}), str(tmp_path / "small_vocab"))
+        tokenizer_match.check_records_fit_model(data_dir, ["train"], dataclasses.replace(
+            text, vocab_size=vocab_size - 50))
     with pytest.raises(EntityClipError, match=f"ends its texts with token id {eos_id}, the model's end-of-text id "
-                                              f"is {eos_id - 1}"):
-        loop.train(config(records, **{"model.eos_token_id": eos_id - 1}), str(tmp_path / "other_eot"))
-    for name in ("small_vocab", "other_eot"):
-        assert not (tmp_path / name / loop.METRICS_FILE).exists()
+                                              f"is {eos_id + 1}"):
+        tokenizer_match.check_records_fit_model(data_dir, ["val"], dataclasses.replace(text, eos_token_id=eos_id + 1))
+    with pytest.raises(EntityClipError, match="texts of 77 tokens, the model has 16 positions"):
+        tokenizer_match.check_records_fit_model(data_dir, [], dataclasses.replace(text, max_position_embeddings=16))
+    tokenizer_match.check_records_fit_model(data_dir, ["train", "val"], text)
 
     recorded = json.loads((run / tokenizer_match.RUN_TOKENIZER).read_text())
     assert recorded == {"tokenizer_fingerprint": recorded["tokenizer_fingerprint"], "context_length": 77,
@@ -145,8 +160,6 @@ def test_records_of_another_tokenizer_are_refused_before_any_step(records, run, 
 
 
 def test_eval_refuses_towers_with_another_eot(records, tmp_path, capsys):
-    import dataclasses
-
     import jax
 
     from entityclip_jax.models.clip import init_params
