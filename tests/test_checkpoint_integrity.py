@@ -123,8 +123,8 @@ def test_resume_falls_back_to_the_step_before_a_damaged_one(run, damage, caplog)
     assert step == 2 and position == {"step": 2}
     assert_state(state, states[2])
     damaged = [r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage()]
-    assert len(damaged) == 1 and "\n" not in damaged[0] and "/checkpoints/3" in damaged[0], damaged
-    assert any("resuming from step 2" in r.getMessage() for r in caplog.records)
+    assert len(damaged) == 1 and "\n" not in damaged[0] and "/checkpoints/3: " in damaged[0], damaged
+    assert any("resuming from step 2, the newest intact" in r.getMessage() for r in caplog.records)
     # moved aside, so the rerun starts from step 2 without a word and step 3 can be saved again
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
     assert [name.split("-")[0] for name in os.listdir(workdir / ckpt.DAMAGED)] == ["3"]
@@ -159,8 +159,9 @@ def test_no_intact_step_is_a_clear_error(run):
     workdir, config, _ = run
     for step in STEPS:
         flip_low_bit(workdir, step)
-    with pytest.raises(EntityClipError, match=r"no intact checkpoint left in .*damaged: step 3, step 2, step 1"):
+    with pytest.raises(EntityClipError, match=r"no intact checkpoint in .*damaged: steps 3, 2, 1, each"):
         resume(workdir, config)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # nothing moved
 
 
 def test_restore_towers_skips_a_damaged_step(run, caplog):
@@ -193,3 +194,16 @@ def test_unwritable_workdir_fails_before_anything(tmp_path):
     (tmp_path / "run" / ckpt.CHECKPOINTS).write_text("")  # a file where the checkpoints directory goes
     with pytest.raises(EntityClipError, match=r"cannot write to .*run/checkpoints"):
         ckpt.Checkpointer(tmp_path / "run", config.checkpoint)
+
+
+def test_an_error_that_is_not_damage_propagates_and_moves_nothing(run, monkeypatch):
+    workdir, config, _ = run
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a damaged file")
+    monkeypatch.setattr(checkpointer.manager, "restore", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        checkpointer.restore_latest_intact(target(config))
+    checkpointer.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]

@@ -121,7 +121,7 @@ def test_the_cli_resumes_from_the_step_before_a_damaged_latest_one(records, run,
         flip_low_bit(run, step)
     assert cli.main(command) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("entityclip train: error: no intact checkpoint left in"), err
+    assert err.startswith("entityclip train: error: no intact checkpoint in"), err
 
 
 def test_records_of_another_tokenizer_are_refused_before_any_step(records, run, tmp_path):

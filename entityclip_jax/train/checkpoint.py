@@ -71,22 +71,24 @@ class DamagedCheckpoint(EntityClipError):
     """A saved step that cannot be read back intact (the message is one line)."""
 
 
-# Reading a damaged step raises these (TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors),
-# often wrapped by Orbax in a bare Exception: read_problem looks through the chain.
-_READ_ERRORS = (ValueError, KeyError, TypeError, OSError)
+# What reading a damaged step raises: missing or unreadable files, garbled JSON, and TensorStore's
+# DATA_LOSS (checksum) / NOT_FOUND / OUT_OF_RANGE (cut short) statuses, which come as ValueErrors
+# that Orbax often wraps in a bare Exception. Anything else is a bug, not damage: it propagates.
+_DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Digest mismatch")
 
 
 def read_problem(err):
-    """One line naming the read error at the root of `err`, or None when it is no read error."""
+    """One line naming the storage error at the root of `err`, or None when it is no such error."""
     causes = []
     while err is not None and len(causes) < 20:
         causes.append(err)
         err = err.__cause__ or err.__context__
-    found = [cause for cause in causes if isinstance(cause, _READ_ERRORS)]
-    if not found:
-        return None
-    text = str(found[-1]).strip().splitlines()
-    return f"{type(found[-1]).__name__}: {text[0][:400] if text else ''}"
+    for cause in reversed(causes):
+        if isinstance(cause, (OSError, json.JSONDecodeError)) or (
+                isinstance(cause, ValueError) and any(status in str(cause) for status in _DAMAGE_STATUSES)):
+            text = str(cause).strip().splitlines()
+            return f"{type(cause).__name__}: {text[0][:400] if text else ''}"
+    return None
 
 
 @jax.jit
@@ -226,12 +228,14 @@ class Checkpointer:
         where = f"{self.directory}/{step}"
         try:
             saved = self.manager.item_metadata(step)["state"]
-        except Exception as err:  # noqa: BLE001 -- read_problem keeps only read errors
+        except KeyError:  # the manager found no state/ item in the step
+            saved = None
+        except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
             if read_problem(err) is None:
                 raise
             raise DamagedCheckpoint(f"{where}: unreadable metadata ({read_problem(err)})") from None
         if saved is None:
-            raise DamagedCheckpoint(f"{where}: no state metadata (files missing)")
+            raise DamagedCheckpoint(f"{where}: its state/ is missing or has no metadata")
         check_compatible(saved["params"], abstract_state.params, where)
         _check_optimizer_layout(saved["opt_state"], abstract_state.opt_state, where)
         problem = None
@@ -243,7 +247,7 @@ class Checkpointer:
             check_values(restored["state"], where)
         except DamagedCheckpoint as err:
             problem = str(err)
-        except Exception as err:  # noqa: BLE001 -- read_problem keeps only read errors
+        except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
             if read_problem(err) is None:
                 raise
             problem = f"{where}: {read_problem(err)}"
@@ -254,25 +258,25 @@ class Checkpointer:
     def restore_latest_intact(self, abstract_state):
         """(state, data position, step) of the newest step that reads back intact.
 
-        Each damaged step is reported in one line and moved to WORKDIR/damaged_checkpoints/
-        (so training can save that step number again); none intact is an EntityClipError."""
-        problems = []
+        Each damaged step is reported in one line; once an intact one is found, the damaged
+        steps after it move to WORKDIR/damaged_checkpoints/ (so training can save those step
+        numbers again). None intact is an EntityClipError, and nothing is moved."""
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, position = self.restore(abstract_state, step)
             except DamagedCheckpoint as err:
-                problems.append(f"step {step}")
-                moved = self._move_aside(step)
-                log.warning("damaged checkpoint %s; moved it to %s and trying the step before it", err, moved)
+                log.warning("damaged checkpoint %s", err)
+                damaged.append(step)
                 continue
-            if problems:
-                log.warning("resuming from step %d, the newest intact checkpoint (damaged: %s)", step,
-                            ", ".join(problems))
+            if damaged:
+                moved = [self._move_aside(bad) for bad in damaged]
+                log.warning("resuming from step %d, the newest intact checkpoint; moved the damaged step(s) to %s",
+                            step, ", ".join(moved))
             return state, position, step
         raise EntityClipError(
-            f"no intact checkpoint left in {self.directory} (damaged: {', '.join(problems)}; moved to "
-            f"{os.path.join(self.workdir, DAMAGED)}). Start over in a new --workdir, or restore the "
-            "checkpoints from a backup")
+            f"no intact checkpoint in {self.directory} (damaged: steps {', '.join(map(str, damaged))}, each "
+            "reported above). Start over in a new --workdir, or restore the checkpoints from a backup")
 
     def _move_aside(self, step):
         """checkpoints/<step> -> damaged_checkpoints/<step>-<time>, by process 0; every process reloads."""
@@ -345,10 +349,12 @@ def _restore_subtree(step_dir, subtree):
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
             restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
                 item=wanted, restore_args=restore_args, partial_restore=True))
-    except Exception as err:  # noqa: BLE001 -- read_problem keeps only read errors
+    except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
         if read_problem(err) is None:
             raise
         raise DamagedCheckpoint(f"{step_dir}: {read_problem(err)}") from None
+    if restored is None:
+        raise DamagedCheckpoint(f"{step_dir}: its state/ has no metadata")
     for key in subtree:
         restored = restored[key]
     check_values(restored, step_dir)
