@@ -10,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
@@ -207,3 +208,22 @@ def test_an_error_that_is_not_damage_propagates_and_moves_nothing(run, monkeypat
         checkpointer.restore_latest_intact(target(config))
     checkpointer.close()
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+
+
+def test_checkpoints_written_before_the_checksums_still_restore(tmp_path):
+    """Steps saved as zarr2 by StandardCheckpointHandler (before this layout) resume and load."""
+    config = tiny_config()
+    state, restore_to = small_state(sharding.make_mesh(config.mesh))
+    ckpt.write_run_files(tmp_path, PRESETS["tiny"], config)
+    old = ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"step": 5})))
+    old.close()
+    checkpointer = ckpt.Checkpointer(tmp_path, config.checkpoint)
+    restored, position, step = checkpointer.restore_latest_intact(restore_to)
+    checkpointer.close()
+    assert (step, position) == (5, {"step": 5})
+    assert_state(restored, jax.device_get(state))
+    _, towers = ckpt.restore_towers(str(tmp_path))
+    np.testing.assert_array_equal(towers["visual_projection"]["kernel"],
+                                  jax.device_get(state.params["clip"]["visual_projection"]["kernel"]))

@@ -90,7 +90,8 @@ def test_a_changed_config_is_refused_then_accepted_logged_and_kept(records, run,
 def test_harmless_changes_are_accepted_without_the_flag(records, tmp_path, caplog, capsys):
     """An older run without configs/ keeps its first config in the history."""
     (tmp_path / ckpt.TRAIN_CONFIG).write_text(config(records).to_json())
-    harmless = config(records, **{"checkpoint.every_steps": 7, "eval.batch_size": 8, "mesh": (("data", 4), ("fsdp", 2))})
+    harmless = config(records, **{"checkpoint.every_steps": 7, "eval.batch_size": 8,
+                                  "mesh": (("data", 4), ("fsdp", 2))})
     with caplog.at_level(logging.WARNING, logger=run_config.__name__):
         run_config.accept_resume_config(str(tmp_path), harmless, 12)
     assert capsys.readouterr().out == "resumed from step 12\n"
