@@ -45,10 +45,13 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
-    extra = None
-    if heads is not None:
-        from entityclip_jax.convert.heads_file import save_heads
-        extra = lambda directory: save_heads(heads, directory)  # noqa: E731
+    from entityclip_jax.convert.heads_file import save_heads
+    from entityclip_jax.train.tokenizer_match import copy_run_tokenizer
+
+    def extra(directory):  # inside the export before it appears, so the marker lists them
+        if heads is not None:
+            save_heads(heads, directory)
+        copy_run_tokenizer(checkpoint, directory)  # the tokenizer a training run's records were written with
     save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite,
                        protect=(checkpoint,), extra=extra)
     if heads is not None:

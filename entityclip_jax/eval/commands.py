@@ -27,8 +27,10 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
     from entityclip_jax.eval.encode import clip_encoders, encode_dataset
     from entityclip_jax.models.clip import CLIPModel
     from entityclip_jax.models.loading import load_towers
+    from entityclip_jax.train.tokenizer_match import check_eval_data
 
     config, params = load_towers(checkpoint)
+    check_eval_data(checkpoint, data_dir, split, config)  # the records speak the model's tokenizer
     encode_image, encode_text = clip_encoders(CLIPModel(config), params)
     dataset = make_dataset(data_dir, split, batch_size=batch_size, image_size=config.vision.image_size,
                            train=False, process_index=0, process_count=1)

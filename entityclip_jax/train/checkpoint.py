@@ -1,7 +1,7 @@
 """Orbax checkpoints of a training run, and the run's files beside them.
 
     WORKDIR/towers_config.json    the towers' architecture (a CLIPConfig)
-    WORKDIR/train_config.json     the training config the run started with
+    WORKDIR/train_config.json     the training config in force (history: configs/, run_config.py)
     WORKDIR/checkpoints/<step>/   state (TrainState) + data (position in the data stream)
 
 (Not clip_config.json / config.json: models/loading.py takes a directory holding
@@ -12,22 +12,124 @@ the last `keep` steps plus the best one by `best_metric` (METHOD.md's model
 selection: the lowest validation VTC loss). Restoring takes an abstract
 TrainState whose leaves carry the TARGET shardings, so a checkpoint written on
 one mesh loads onto any other mesh or device count, or onto one CPU.
+
+Integrity: every array chunk is written with a CRC-32C that TensorStore checks
+on each read (Orbax itself checksums only the zarr3 shard index), and every
+restored parameter and optimizer moment must be finite and below MAX_ABS. A
+step that fails either check, or whose files are missing or cut short, is
+reported in one line and the step before it is used; training moves it aside
+to WORKDIR/damaged_checkpoints/ so its step number can be saved again.
 """
+import collections
 import contextlib
+import functools
 import json
 import logging
 import os
+import shutil
+import tempfile
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.train.run_config import TRAIN_CONFIG, write_config
 from entityclip_jax.train.sharding import path_name
 
 CHECKPOINTS = "checkpoints"
+DAMAGED = "damaged_checkpoints"
 CLIP_CONFIG = "towers_config.json"
-TRAIN_CONFIG = "train_config.json"
+# No parameter or Adam moment of a sane run comes near this; a flipped exponent bit lands far above it.
+MAX_ABS = 1e10
+log = logging.getLogger(__name__)
+
+
+def _with_chunk_checksums(build_zarr3_metadata):
+    """Orbax 0.12's zarr3 layout checksums the shard index only and has no option for the
+    data; TensorStore's crc32c codec after the chunk codecs covers every chunk's bytes."""
+    @functools.wraps(build_zarr3_metadata)
+    def build(*args, **kwargs):
+        metadata = build_zarr3_metadata(*args, **kwargs)
+        for codec in metadata.get("codecs", ()):
+            chunk_codecs = codec.get("configuration", {}).get("codecs")
+            if codec.get("name") == "sharding_indexed" and {"name": "crc32c"} not in chunk_codecs:
+                chunk_codecs.append({"name": "crc32c"})
+        return metadata
+    build.adds_chunk_checksums = True
+    return build
+
+
+if not getattr(tensorstore_utils._build_zarr3_metadata, "adds_chunk_checksums", False):
+    tensorstore_utils._build_zarr3_metadata = _with_chunk_checksums(tensorstore_utils._build_zarr3_metadata)
+
+
+class DamagedCheckpoint(EntityClipError):
+    """A saved step that cannot be read back intact (the message is one line)."""
+
+
+# What reading a damaged step raises: missing or unreadable files, garbled JSON, and TensorStore's
+# DATA_LOSS (checksum) / NOT_FOUND / OUT_OF_RANGE (cut short) statuses, which come as ValueErrors
+# that Orbax often wraps in a bare Exception. Anything else is a bug, not damage: it propagates.
+_DAMAGE_STATUSES = ("DATA_LOSS", "NOT_FOUND", "OUT_OF_RANGE", "Digest mismatch")
+
+
+def read_problem(err):
+    """One line naming the storage error at the root of `err`, or None when it is no such error."""
+    causes = []
+    while err is not None and len(causes) < 20:
+        causes.append(err)
+        err = err.__cause__ or err.__context__
+    for cause in reversed(causes):
+        if isinstance(cause, (OSError, json.JSONDecodeError)) or (
+                isinstance(cause, ValueError) and any(status in str(cause) for status in _DAMAGE_STATUSES)):
+            text = str(cause).strip().splitlines()
+            return f"{type(cause).__name__}: {text[0][:400] if text else ''}"
+    return None
+
+
+@jax.jit
+def _peaks(leaves):
+    """max |x| per leaf, inf when it holds a NaN or Inf (XLA's max may skip NaN)."""
+    return [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf)) for x in leaves]
+
+
+def check_values(tree, where):
+    """Refuses (DamagedCheckpoint) a tree with a NaN/Inf or |x| > MAX_ABS in any float leaf."""
+    named = [(path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+             if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size]
+    on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
+    on_host = [(name, leaf) for name, leaf in named if not isinstance(leaf, jax.Array)]
+    peaks = [float(p) for p in jax.device_get(_peaks([leaf for _, leaf in on_device]))] if on_device else []
+    peaks += [float(np.max(np.where(np.isfinite(leaf), np.abs(leaf), np.inf))) for _, leaf in on_host]
+    for (name, _), peak in zip(on_device + on_host, peaks):
+        if not np.isfinite(peak):
+            raise DamagedCheckpoint(f"{where}: {name} holds NaN or Inf")
+        if peak > MAX_ABS:
+            raise DamagedCheckpoint(f"{where}: {name} holds |x| = {peak:.3g} (> {MAX_ABS:.0e})")
+
+
+def _all_processes_agree(ok):
+    """True only when every process found its part of the step intact (each reads its own chunks)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils  # multi-process only
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def check_writable(workdir):
+    """One-line error before any step when WORKDIR or its checkpoints/ cannot be written."""
+    for directory in (workdir, os.path.join(workdir, CHECKPOINTS)):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as err:
+            raise EntityClipError(f"cannot write to {directory} ({err.strerror or err}); give a --workdir "
+                                  "you can write to, or fix its permissions") from None
 
 
 def write_run_files(workdir, clip_config, config):
@@ -37,8 +139,7 @@ def write_run_files(workdir, clip_config, config):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CLIP_CONFIG), "w") as f:
         json.dump(clip_config.to_dict(), f, indent=2)
-    with open(os.path.join(workdir, TRAIN_CONFIG), "w") as f:
-        f.write(config.to_json(indent=2))
+    write_config(workdir, config, step=0)
 
 
 def read_clip_config(workdir):
@@ -69,7 +170,16 @@ def check_compatible(saved_params, expected_params, where):
 
 
 def _handlers():
-    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    # zarr3 so that chunks carry the crc32c above; checkpoints written as zarr2 still restore.
+    return {"state": ocp.PyTreeCheckpointHandler(use_zarr3=True), "data": ocp.JsonCheckpointHandler()}
+
+
+def _check_optimizer_layout(saved_opt_state, expected_opt_state, where):
+    saved = collections.Counter(_shapes(saved_opt_state).values())
+    if saved != collections.Counter(_shapes(expected_opt_state).values()):
+        raise EntityClipError(f"checkpoint {where} does not fit this config's optimizer state; resume with the "
+                              "optimizer settings it was trained with (optimizer.freeze / lr_multipliers change "
+                              "the state's layout)")
 
 
 class Checkpointer:
@@ -90,7 +200,9 @@ class Checkpointer:
             best_fn=get_metric if best_metric else None, best_mode=cfg.best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.best_metric = best_metric
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        self.workdir = os.path.abspath(workdir)
+        check_writable(self.workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINTS)
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
     def latest_step(self):
@@ -104,22 +216,79 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         tracked = metrics if self.best_metric and self.best_metric in metrics else None
         self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
+            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position)),
             metrics=tracked, force=True)
 
     def restore(self, abstract_state, step=None):
-        """(state, data position) of `step` (default: latest) laid out as abstract_state's shardings."""
+        """(state, data position) of `step` (default: latest) laid out as abstract_state's shardings.
+
+        Raises DamagedCheckpoint when the step cannot be read back intact, EntityClipError
+        when it was written for another architecture or optimizer."""
         step = self.latest_step() if step is None else step
-        saved = self.manager.item_metadata(step)["state"]
-        check_compatible(saved["params"], abstract_state.params, f"{self.directory}/{step}")
+        where = f"{self.directory}/{step}"
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except KeyError:  # the manager found no state/ item in the step
+            saved = None
+        except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
+            if read_problem(err) is None:
+                raise
+            raise DamagedCheckpoint(f"{where}: unreadable metadata ({read_problem(err)})") from None
+        if saved is None:
+            raise DamagedCheckpoint(f"{where}: its state/ is missing or has no metadata")
+        check_compatible(saved["params"], abstract_state.params, where)
+        _check_optimizer_layout(saved["opt_state"], abstract_state.opt_state, where)
+        problem = None
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError) as err:
-            raise EntityClipError(f"checkpoint {self.directory}/{step} does not fit this config's optimizer "
-                                  f"state ({err}); resume with the optimizer settings it was trained with "
-                                  "(optimizer.freeze / lr_multipliers change the state's layout)") from None
+                state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=ocp.checkpoint_utils
+                                             .construct_restore_args(abstract_state)),
+                data=ocp.args.JsonRestore()))
+            check_values(restored["state"], where)
+        except DamagedCheckpoint as err:
+            problem = str(err)
+        except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
+            if read_problem(err) is None:
+                raise
+            problem = f"{where}: {read_problem(err)}"
+        if not _all_processes_agree(problem is None):
+            raise DamagedCheckpoint(problem or f"{where}: damaged on another process")
         return restored["state"], restored["data"]
+
+    def restore_latest_intact(self, abstract_state):
+        """(state, data position, step) of the newest step that reads back intact.
+
+        Each damaged step is reported in one line; once an intact one is found, the damaged
+        steps after it move to WORKDIR/damaged_checkpoints/ (so training can save those step
+        numbers again). None intact is an EntityClipError, and nothing is moved."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, position = self.restore(abstract_state, step)
+            except DamagedCheckpoint as err:
+                log.warning("damaged checkpoint %s", err)
+                damaged.append(step)
+                continue
+            if damaged:
+                moved = [self._move_aside(bad) for bad in damaged]
+                log.warning("resuming from step %d, the newest intact checkpoint; moved the damaged step(s) to %s",
+                            step, ", ".join(moved))
+            return state, position, step
+        raise EntityClipError(
+            f"no intact checkpoint in {self.directory} (damaged: steps {', '.join(map(str, damaged))}, each "
+            "reported above). Start over in a new --workdir, or restore the checkpoints from a backup")
+
+    def _move_aside(self, step):
+        """checkpoints/<step> -> damaged_checkpoints/<step>-<time>, by process 0; every process reloads."""
+        target = os.path.join(self.workdir, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # multi-process only
+            multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -139,12 +308,12 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _step_dir(path):
-    """(workdir, step directory) for a workdir (best step by its config's metric, else latest)
-    or a step directory."""
+def _step_dirs(path):
+    """(workdir, step directories to try in order) for a workdir (its best step by its config's
+    metric, else the latest; then the others, newest first) or one step directory (only it)."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(os.path.dirname(path)), path
+        return os.path.dirname(os.path.dirname(path)), [path]
     if not os.path.isdir(os.path.join(path, CHECKPOINTS)):
         raise EntityClipError(f"{path} is neither a training workdir (with {CHECKPOINTS}/) nor a checkpoint step "
                               "directory (with state/)")
@@ -156,38 +325,67 @@ def _step_dir(path):
                                                best_fn=(lambda metrics: metrics[metric]) if metric else None)
         manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINTS), item_handlers=_handlers(),
                                         options=options)
-        step = manager.best_step()
-        if step is None:  # no checkpoint carries the metric
-            step = manager.latest_step()
+        best = manager.best_step()
+        steps = sorted(manager.all_steps(), reverse=True)
         manager.close()
-    if step is None:
+    if not steps:
         raise EntityClipError(f"{path} holds no finished checkpoint yet")
-    return path, os.path.join(path, CHECKPOINTS, str(step))
+    if best is not None:  # None: no checkpoint carries the metric
+        steps = [best] + [step for step in steps if step != best]
+    return path, [os.path.join(path, CHECKPOINTS, str(step)) for step in steps]
+
+
+def _restore_subtree(step_dir, subtree):
+    """`subtree` of the TrainState saved in step_dir as host numpy arrays; DamagedCheckpoint if unreadable."""
+    state_dir = os.path.join(step_dir, "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        with _quiet_absl():  # the step's own metadata file is the manager's, not this checkpointer's
+            wanted = checkpointer.metadata(state_dir).item_metadata
+            for key in subtree:
+                wanted = wanted[key]
+            for key in reversed(subtree):
+                wanted = {key: wanted}
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+            restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item=wanted, restore_args=restore_args, partial_restore=True))
+    except Exception as err:  # noqa: BLE001 -- read_problem keeps only storage errors
+        if read_problem(err) is None:
+            raise
+        raise DamagedCheckpoint(f"{step_dir}: {read_problem(err)}") from None
+    if restored is None:
+        raise DamagedCheckpoint(f"{step_dir}: its state/ has no metadata")
+    for key in subtree:
+        restored = restored[key]
+    check_values(restored, step_dir)
+    return restored
 
 
 def restore_params(path, subtree=("params",)):
     """(CLIPConfig, params as host numpy arrays) from a workdir or a checkpoint step dir.
 
-    A workdir gives its best checkpoint by the tracked metric, else the latest.
+    A workdir gives its best checkpoint by the tracked metric, else the latest;
+    a damaged one is reported in one line and the next (newest first) is used.
     Only `subtree` of the saved TrainState is read, onto the host, whatever mesh
     wrote it: {"clip": towers, "heads": experts, gates and ITM head (EntityCLIP mode)}.
     """
-    workdir, step_dir = _step_dir(path)
+    workdir, step_dirs = _step_dirs(path)
     clip_config = read_clip_config(workdir)
-    state_dir = os.path.join(step_dir, "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    with _quiet_absl():  # the step's own metadata file is the manager's, not this checkpointer's
-        wanted = checkpointer.metadata(state_dir).item_metadata
-        for key in subtree:
-            wanted = wanted[key]
-        for key in reversed(subtree):
-            wanted = {key: wanted}
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-        restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=wanted, restore_args=restore_args, partial_restore=True))
-    for key in subtree:
-        restored = restored[key]
-    return clip_config, restored
+    problems = []
+    for step_dir in step_dirs:
+        try:
+            restored = _restore_subtree(step_dir, subtree)
+        except DamagedCheckpoint as err:
+            problems.append(str(err))
+            if step_dir != step_dirs[-1]:
+                log.warning("damaged checkpoint %s; trying %s", err, step_dirs[len(problems)])
+            continue
+        if problems:
+            log.warning("using checkpoint %s (the ones tried before it are damaged)", step_dir)
+        return clip_config, restored
+    if len(step_dirs) == 1:
+        raise EntityClipError(f"damaged checkpoint {problems[0]}; use another step or the workdir")
+    raise EntityClipError(f"no intact checkpoint in {workdir}: {' | '.join(problems)}")
 
 
 def restore_towers(path):

@@ -1,4 +1,7 @@
 """`entityclip train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`"""
+import json
+import logging
+
 ACCEPTS_OVERRIDES = True  # --config.a.b=value pass through as args.overrides
 
 
@@ -7,16 +10,17 @@ def configure(parser):
                         help="config file with get_config(), e.g. configs/n24news.py or configs/n24news.py:b16")
     parser.add_argument("--workdir", required=True,
                         help="run directory: checkpoints, metrics, TensorBoard; an existing one is resumed")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the config changes the run's meaning (learning rate, steps, "
+                             "data, model ...); every change is logged and kept in WORKDIR/configs/")
 
 
 def run(args):
-    import json
-    import logging
-
     from entityclip_jax.config import load_config, validate_config
     from entityclip_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = train(validate_config(load_config(args.config, args.overrides)), args.workdir)
+    summary = train(validate_config(load_config(args.config, args.overrides)), args.workdir,
+                    allow_config_change=args.allow_config_change)
     print(json.dumps({"done": summary}, default=float))
     return 0

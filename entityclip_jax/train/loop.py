@@ -22,7 +22,7 @@ from entityclip_jax.data.pipeline import to_global_arrays
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params, describe_init, init_entityclip, model_from_config
 from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import data, optimizer, sharding
+from entityclip_jax.train import data, optimizer, run_config, sharding, tokenizer_match
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
 from entityclip_jax.train.step import make_train_step
 from entityclip_jax.train.validation import Validator
@@ -114,7 +114,7 @@ class _MetricsLog:
         self.writer.close()
 
 
-def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps):
+def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, allow_config_change=False):
     """(model, tx, schedule, state shardings, state, step): fresh from the config, or the latest checkpoint."""
     resume_step = checkpointer.latest_step()
     if resume_step is None:
@@ -126,6 +126,7 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps):
     else:  # the architecture comes from the workdir; parameters from the checkpoint
         model, params = model_from_config(config, ckpt.read_clip_config(workdir)), None
         shapes = abstract_params(model)
+    tokenizer_match.check_training_data(workdir, config, model.clip)
     tx = optimizer.make_optimizer(config.optimizer, total_steps, shapes)
     schedule = optimizer.learning_rate_schedule(config.optimizer, total_steps)
     abstract = abstract_state(shapes, tx)
@@ -134,14 +135,16 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps):
     if resume_step is None:
         return model, tx, schedule, shardings, create_train_state(params, tx, shardings), 0
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, saved_position = checkpointer.restore(target, resume_step)
+    state, saved_position, resume_step = checkpointer.restore_latest_intact(target)
     data.check_position(saved_position, steps_in_epoch, config)
+    run_config.accept_resume_config(workdir, config, resume_step, allow_config_change)
     log.info("resumed from %s at step %d", checkpointer.directory, resume_step)
     return model, tx, schedule, shardings, state, resume_step
 
 
-def train(config, workdir):
-    """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics."""
+def train(config, workdir, allow_config_change=False):
+    """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics.
+    Resuming with a config that changes the run's meaning needs allow_config_change."""
     initialize_distributed(config.distributed.initialize)
     workdir = os.path.abspath(workdir)
     mesh = sharding.make_mesh(config.mesh)
@@ -149,7 +152,7 @@ def train(config, workdir):
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
     model, tx, schedule, shardings, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch,
-                                                         total_steps)
+                                                         total_steps, allow_config_change)
 
     validate = Validator(model, config, mesh)
     eval_every = steps_in_epoch if config.eval.every_steps < 0 else config.eval.every_steps

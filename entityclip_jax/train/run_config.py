@@ -1,0 +1,92 @@
+"""A resumed run keeps the config it was trained with, or says what changed.
+
+    WORKDIR/train_config.json                 the config in force (kept current)
+    WORKDIR/configs/train_config.<step>.json  the config used from <step> on (history)
+
+On resume the whole config is compared with train_config.json. A difference
+that changes what the run computes (learning rate, schedule, steps, batch, data,
+model, heads, seed ...) is refused unless the user passes --allow-config-change;
+one that changes only how it is run or reported (log, eval and checkpoint
+frequency, mesh, sharding, remat ...) is accepted. Every accepted difference is
+logged, and a changed config starts a new history entry.
+"""
+import json
+import logging
+import os
+
+import jax
+
+from entityclip_jax.errors import EntityClipError
+
+TRAIN_CONFIG = "train_config.json"
+HISTORY = "configs"
+# Dotted-name prefixes of the knobs that leave the run's meaning as it was.
+HARMLESS = ("log.", "eval.", "checkpoint.", "distributed.", "mesh", "sharding.", "model.remat",
+            "data.normalize_on_host", "data.val_split")
+log = logging.getLogger(__name__)
+
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(saved, current):
+    """[(dotted name, saved value, current value)] of two configs as JSON dicts; absent is None."""
+    saved, current = _flatten(saved), _flatten(current)
+    return [(name, saved.get(name), current.get(name)) for name in sorted(set(saved) | set(current))
+            if saved.get(name) != current.get(name)]
+
+
+def is_harmless(name):
+    return name.startswith(HARMLESS)
+
+
+def history_path(workdir, step):
+    return os.path.join(workdir, HISTORY, f"train_config.{int(step)}.json")
+
+
+def write_config(workdir, config, step):
+    """train_config.json and its history entry for `step`, by process 0."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(os.path.join(workdir, HISTORY), exist_ok=True)
+    text = config.to_json(indent=2)
+    for path in (history_path(workdir, step), os.path.join(workdir, TRAIN_CONFIG)):
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def accept_resume_config(workdir, config, step, allow_change=False):
+    """Compares `config` with the run's train_config.json when resuming at `step`.
+
+    Refuses meaningful differences unless allow_change; logs each accepted one
+    and records the new config (history + train_config.json)."""
+    path = os.path.join(workdir, TRAIN_CONFIG)
+    with open(path) as f:
+        saved = json.load(f)
+    changes = differences(saved, json.loads(config.to_json()))
+    meaningful = [change for change in changes if not is_harmless(change[0])]
+    if meaningful and not allow_change:
+        listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, old, new in meaningful[:8])
+        more = f" and {len(meaningful) - 8} more" if len(meaningful) > 8 else ""
+        raise EntityClipError(
+            f"the config differs from the one the run in {workdir} was trained with: {listed}{more}. "
+            f"Resume with its config ({path}), start a new --workdir, or pass --allow-config-change "
+            "to continue with the new values")
+    for name, old, new in changes:
+        why = "--allow-config-change" if (name, old, new) in meaningful else "it does not change the run's meaning"
+        log.warning("resuming with a changed config: %s %r -> %r (accepted: %s)", name, old, new, why)
+    if changes:
+        if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, HISTORY)):
+            os.makedirs(os.path.join(workdir, HISTORY))  # a run from before the history: keep its first config
+            with open(history_path(workdir, 0), "w") as f:
+                json.dump(saved, f, indent=2)
+        write_config(workdir, config, step)
+    if jax.process_index() == 0:
+        print(f"resumed from step {step}", flush=True)

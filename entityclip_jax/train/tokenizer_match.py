@@ -1,0 +1,132 @@
+"""Records, model and run agree on the tokenizer, checked before any step or metric.
+
+A run records what it trained on in WORKDIR/run_tokenizer.json (its exports carry
+a copy): the records' tokenizer fingerprint and context length, the model's
+vocabulary size and EOT id. Resume and eval compare a dataset's
+entityclip_meta.json with it (fingerprints compared as opaque strings), and every
+dataset is checked against the model: its context no longer than the model's
+positions, and its first records' token ids inside the vocabulary and ending in
+the model's EOT id (a few hundred records, not a scan of the data).
+"""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from entityclip_jax.data import records
+from entityclip_jax.errors import EntityClipError
+
+RUN_TOKENIZER = "run_tokenizer.json"
+PROBE_EXAMPLES = 256
+
+
+def _model_eot(text_config):
+    # Legacy configs with eos_token_id 2 pool at the argmax of the ids: OpenAI's EOT, the last id.
+    return text_config.vocab_size - 1 if text_config.eos_token_id == 2 else text_config.eos_token_id
+
+
+def _first_token_ids(data_dir, split, context_length):
+    """query_ids and explanation_ids of the split's first PROBE_EXAMPLES records, [n, L] int64."""
+    import tensorflow as tf  # heavy; the records are TFRecords
+    shards = [os.path.join(data_dir, shard["file"]) for shard in records.read_meta(data_dir)["splits"]
+              .get(split, {}).get("shards", [])]
+    if not shards:
+        return np.zeros((0, context_length), np.int64)
+    spec = {name: tf.io.FixedLenFeature([context_length], tf.int64) for name in records.TOKEN_FIELDS}
+    rows = []
+    for serialized in tf.data.TFRecordDataset(shards).take(PROBE_EXAMPLES):
+        example = tf.io.parse_single_example(serialized, spec)
+        rows.extend(example[name].numpy() for name in records.TOKEN_FIELDS)
+    return np.stack(rows) if rows else np.zeros((0, context_length), np.int64)
+
+
+def check_records_fit_model(data_dir, splits, text_config):
+    """Refuses records whose context, token ids or EOT id do not fit the text tower."""
+    meta = records.read_meta(data_dir)
+    if meta["context_length"] > text_config.max_position_embeddings:
+        raise EntityClipError(
+            f"{data_dir} holds texts of {meta['context_length']} tokens, the model has "
+            f"{text_config.max_position_embeddings} positions; rewrite the records with "
+            f"--context-length {text_config.max_position_embeddings} or use a model with more positions")
+    eot = _model_eot(text_config)
+    for split in splits:
+        ids = _first_token_ids(data_dir, split, meta["context_length"])
+        if not ids.size:
+            continue
+        if ids.max() >= text_config.vocab_size:
+            raise EntityClipError(
+                f"the {split!r} split of {data_dir} holds token id {int(ids.max())}, outside the model's "
+                f"vocabulary of {text_config.vocab_size}: it was written with another tokenizer. Rewrite the "
+                "records with the model's tokenizer (write-records --tokenizer) or use the model they were made for")
+        ends = {int(row[np.flatnonzero(row)[-1]]) for row in ids if row.any()}  # EOT, or EOT padding
+        if ends - {eot}:
+            raise EntityClipError(
+                f"the {split!r} split of {data_dir} ends its texts with token id {sorted(ends - {eot})[0]}, the "
+                f"model's end-of-text id is {eot}: it was written with another tokenizer. Rewrite the records "
+                "with the model's tokenizer (write-records --tokenizer) or use the model they were made for")
+
+
+def run_tokenizer(data_dir, text_config):
+    """What a run trains on: the records' tokenizer and the model's view of it."""
+    meta = records.read_meta(data_dir)
+    return {"tokenizer_fingerprint": meta["tokenizer_fingerprint"], "context_length": meta["context_length"],
+            "vocab_size": text_config.vocab_size, "eos_token_id": text_config.eos_token_id}
+
+
+def _recorded(directory):
+    path = os.path.join(directory, RUN_TOKENIZER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_same_tokenizer(recorded, data_dir, where):
+    """Refuses records written with another tokenizer (or context) than `recorded` (a run's)."""
+    meta = records.read_meta(data_dir)
+    for key in ("tokenizer_fingerprint", "context_length"):
+        if str(recorded.get(key)) != str(meta.get(key)):
+            raise EntityClipError(
+                f"{data_dir} was written with {key} {meta.get(key)!r}, the model in {where} was trained on "
+                f"{recorded.get(key)!r}; use records written with the tokenizer it was trained with "
+                "(write-records --tokenizer)")
+
+
+def check_training_data(workdir, config, clip_config):
+    """Before the first step: the records fit the model and, on resume, are those the run trained on.
+    A run without a record (new, or from before this check) gets one."""
+    splits = [config.data.train_split] + ([config.data.val_split] if config.eval.every_steps != 0 else [])
+    check_records_fit_model(config.data.dir, splits, clip_config.text)
+    recorded = _recorded(workdir)
+    if recorded is not None:
+        check_same_tokenizer(recorded, config.data.dir, workdir)
+    elif jax.process_index() == 0:
+        with open(os.path.join(workdir, RUN_TOKENIZER), "w") as f:
+            json.dump(run_tokenizer(config.data.dir, clip_config.text), f, indent=2)
+
+
+def _run_directory(checkpoint):
+    """The directory holding a checkpoint's run_tokenizer.json: itself, or a step's workdir."""
+    checkpoint = os.path.abspath(str(checkpoint))
+    if os.path.isdir(os.path.join(checkpoint, "state")):  # WORKDIR/checkpoints/<step>
+        return os.path.dirname(os.path.dirname(checkpoint))
+    return checkpoint
+
+
+def check_eval_data(checkpoint, data_dir, split, clip_config):
+    """Before encoding: the split fits the towers and, when the checkpoint records the tokenizer
+    it was trained on (a workdir, a step, an export), was written with that one."""
+    check_records_fit_model(data_dir, [split], clip_config.text)
+    recorded = _recorded(_run_directory(checkpoint)) if os.path.isdir(str(checkpoint)) else None
+    if recorded is not None:
+        check_same_tokenizer(recorded, data_dir, checkpoint)
+
+
+def copy_run_tokenizer(checkpoint, out_dir):
+    """Puts a training run's run_tokenizer.json into its export; returns the copy or None."""
+    source = os.path.join(_run_directory(checkpoint), RUN_TOKENIZER)
+    if not (os.path.isdir(str(checkpoint)) and os.path.isfile(source)):
+        return None
+    return shutil.copy(source, os.path.join(out_dir, RUN_TOKENIZER))

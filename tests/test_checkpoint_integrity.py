@@ -1,0 +1,229 @@
+"""Damaged checkpoints never restore silently: flipped bytes (caught by the chunks'
+CRC-32C even when the values stay finite), NaN or absurd values, truncated or
+deleted files. Training falls back to the step before, in one log line, and
+moves the damaged step aside; eval/export (restore_towers) fall back too; no
+intact step left is a clear error."""
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.train import checkpoint as ckpt
+from entityclip_jax.train import sharding
+from entityclip_jax.models.clip_config import PRESETS
+from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
+from tests._tiny_training import tiny_config
+
+STEPS = (1, 2, 3)
+
+
+def small_state(mesh):
+    """(TrainState, its abstract target) of a few arrays under the names the checks report:
+    a full tiny EntityCLIP state has thousands of leaves and saves slowly."""
+    rng = np.random.default_rng(0)
+    params = {"clip": {"visual_projection": {"kernel": rng.normal(size=(256, 64)).astype(np.float32)},
+                       "logit_scale": np.float32(2.6)},
+              "heads": {"itm_head": {"kernel": rng.normal(size=(64, 2)).astype(np.float32)}}}
+    tx = optax.adam(1e-3)
+    abstract = abstract_state(jax.eval_shape(lambda p: p, params), tx)
+    shardings = sharding.to_shardings(state_specs(abstract, mesh, ((".*", "replicate"),), 0), mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return create_train_state(params, tx, shardings), target
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A workdir with checkpoints at steps 1..3 (keep=3) and the host state of each step."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config(**{"checkpoint.keep": 3, "checkpoint.best_metric": ""})
+    state, _ = small_state(sharding.make_mesh(config.mesh))
+    ckpt.write_run_files(workdir, PRESETS["tiny"], config)
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    advance = jax.jit(lambda s: s.replace(step=s.step + 1, params=jax.tree.map(lambda x: x + 1.0, s.params)))
+    states = {}
+    for step in STEPS:
+        state = advance(state)
+        checkpointer.save(step, state, {"step": step})
+        states[step] = jax.device_get(state)
+    checkpointer.close()
+    return workdir, config, states
+
+
+@pytest.fixture
+def run(saved, tmp_path):
+    """A fresh copy of the saved workdir for a test to damage."""
+    workdir, config, states = saved
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return copy, config, states
+
+
+def largest_value(workdir, step):
+    """(data file, offset, length) of the step's largest stored array chunk, read from the OCDBT
+    b-tree with TensorStore itself (the data files also hold bytes no key refers to)."""
+    state = workdir / "checkpoints" / str(step) / "state"
+    base = ts.KvStore.open(f"file://{state}/").result()
+    root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
+    values = []
+    for entry in ts.ocdbt.dump(base, root).result()["entries"]:
+        if "indirect_value" in entry:  # value:<process dir>:<file>:<offset>:<length>
+            _, directory, name, offset, length = entry["indirect_value"].split(":")
+            values.append((str(state / directory / name), int(offset), int(length)))
+    return max(values, key=lambda value: value[2])
+
+
+def flip_low_bit(workdir, step):
+    """Flips the lowest bit of a byte amid a stored chunk: the float stays finite and near its value."""
+    path, offset, length = largest_value(workdir, step)
+    data = bytearray(open(path, "rb").read())
+    data[offset + length // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+
+
+def truncate(workdir, step):
+    path, offset, length = largest_value(workdir, step)
+    os.truncate(path, offset + length // 2)
+
+
+def target(config):
+    return small_state(sharding.make_mesh(config.mesh))[1]
+
+
+def resume(workdir, config):
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    try:
+        return checkpointer.restore_latest_intact(target(config))
+    finally:
+        checkpointer.close()
+
+
+def assert_state(state, expected):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), expected)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete_data", "delete_state"])
+def test_resume_falls_back_to_the_step_before_a_damaged_one(run, damage, caplog):
+    workdir, config, states = run
+    if damage == "flip":
+        flip_low_bit(workdir, 3)
+    elif damage == "truncate":
+        truncate(workdir, 3)
+    elif damage == "delete_data":
+        os.remove(largest_value(workdir, 3)[0])
+    else:
+        shutil.rmtree(workdir / "checkpoints" / "3" / "state")
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        state, position, step = resume(workdir, config)
+    assert step == 2 and position == {"step": 2}
+    assert_state(state, states[2])
+    damaged = [r.getMessage() for r in caplog.records if "damaged checkpoint" in r.getMessage()]
+    assert len(damaged) == 1 and "\n" not in damaged[0] and "/checkpoints/3: " in damaged[0], damaged
+    assert any("resuming from step 2, the newest intact" in r.getMessage() for r in caplog.records)
+    # moved aside, so the rerun starts from step 2 without a word and step 3 can be saved again
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    assert [name.split("-")[0] for name in os.listdir(workdir / ckpt.DAMAGED)] == ["3"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        assert resume(workdir, config)[2] == 2
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, 1e37])
+def test_values_that_no_run_holds_are_damage(run, value):
+    """Written with valid checksums (a bug or a bad disk before the write), still refused."""
+    workdir, config, states = run
+    restore_to = target(config)
+    def poison(path, leaf, target_leaf):  # the optimizer moments are checked too, not only the parameters
+        leaf = np.array(leaf)
+        if sharding.path_name(path).endswith("mu/clip/visual_projection/kernel"):
+            leaf[0, 0] = value
+        return jax.device_put(leaf, target_leaf.sharding)
+    bad = jax.tree_util.tree_map_with_path(poison, states[3], restore_to)
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    checkpointer.save(4, bad, {"step": 4})
+    checkpointer.close()
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    with pytest.raises(ckpt.DamagedCheckpoint, match="mu/clip/visual_projection/kernel holds"):
+        checkpointer.restore(restore_to, 4)
+    checkpointer.close()
+    assert resume(workdir, config)[2] == 3
+
+
+def test_no_intact_step_is_a_clear_error(run):
+    workdir, config, _ = run
+    for step in STEPS:
+        flip_low_bit(workdir, step)
+    with pytest.raises(EntityClipError, match=r"no intact checkpoint in .*damaged: steps 3, 2, 1, each"):
+        resume(workdir, config)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # nothing moved
+
+
+def test_restore_towers_skips_a_damaged_step(run, caplog):
+    workdir, _, states = run
+    flip_low_bit(workdir, 3)
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        _, towers = ckpt.restore_towers(str(workdir))  # what eval, search and export-hf call
+    jax.tree.map(np.testing.assert_array_equal, towers, states[2].params["clip"])
+    assert any("damaged checkpoint" in r.getMessage() and "checkpoints/3" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # readers move nothing
+    with pytest.raises(EntityClipError, match=r"damaged checkpoint .*checkpoints/3"):
+        ckpt.restore_towers(str(workdir / "checkpoints" / "3"))
+
+
+def test_all_steps_damaged_for_restore_towers(run):
+    workdir, _, _ = run
+    for step in STEPS:
+        truncate(workdir, step)
+    with pytest.raises(EntityClipError, match="no intact checkpoint in"):
+        ckpt.restore_towers(str(workdir))
+
+
+def test_unwritable_workdir_fails_before_anything(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = tiny_config()
+    with pytest.raises(EntityClipError, match=r"cannot write to .*a_file/run"):
+        ckpt.Checkpointer(blocker / "run", config.checkpoint)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ckpt.CHECKPOINTS).write_text("")  # a file where the checkpoints directory goes
+    with pytest.raises(EntityClipError, match=r"cannot write to .*run/checkpoints"):
+        ckpt.Checkpointer(tmp_path / "run", config.checkpoint)
+
+
+def test_an_error_that_is_not_damage_propagates_and_moves_nothing(run, monkeypatch):
+    workdir, config, _ = run
+    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a damaged file")
+    monkeypatch.setattr(checkpointer.manager, "restore", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        checkpointer.restore_latest_intact(target(config))
+    checkpointer.close()
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+
+
+def test_checkpoints_written_before_the_checksums_still_restore(tmp_path):
+    """Steps saved as zarr2 by StandardCheckpointHandler (before this layout) resume and load."""
+    config = tiny_config()
+    state, restore_to = small_state(sharding.make_mesh(config.mesh))
+    ckpt.write_run_files(tmp_path, PRESETS["tiny"], config)
+    old = ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    old.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"step": 5})))
+    old.close()
+    checkpointer = ckpt.Checkpointer(tmp_path, config.checkpoint)
+    restored, position, step = checkpointer.restore_latest_intact(restore_to)
+    checkpointer.close()
+    assert (step, position) == (5, {"step": 5})
+    assert_state(restored, jax.device_get(state))
+    _, towers = ckpt.restore_towers(str(tmp_path))
+    np.testing.assert_array_equal(towers["visual_projection"]["kernel"],
+                                  jax.device_get(state.params["clip"]["visual_projection"]["kernel"]))
