@@ -38,9 +38,16 @@ def tied_problem(seed, num_images=37, dim=6):
 
 
 @pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
-@pytest.mark.parametrize("chunk_size", [1, 7, 10, 1000])
-def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size):
+@pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (10, "numpy"), (1000, "numpy"),
+                                                 (10, "jax")])
+def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size, backend, monkeypatch):
+    import jax.numpy as jnp
+
+    from entityclip_jax.eval import retrieval
+    if backend == "jax":   # the path GPU/TPU take: scores and counts in jax.numpy
+        monkeypatch.setattr(retrieval, "_array_backend", lambda: (jnp, retrieval._jax_scores))
     image_embeds, text_embeds, text_to_image = tied_problem(seed=chunk_size)
+    image_embeds[5] = image_embeds[30]      # a duplicated image: text->image ties across blocks
     got = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, ties=ties)
     want = brute_force_ranks(image_embeds, text_embeds, text_to_image, ties)
     np.testing.assert_array_equal(got["i2t_ranks"], want["i2t_ranks"])
