@@ -68,7 +68,7 @@ def prepare_jax(mode, args):
     from entityclip_jax.train.step import make_train_step
 
     config = default_config()
-    config.model.init, config.model.mode, config.model.dtype = args.preset, mode, args.dtype
+    config.model.init, config.model.mode, config.model.dtype = f"random:{args.preset}", mode, args.dtype
     config.model.remat = args.remat
     config.batch_size = args.batch
     model, params = init_entityclip(jax.random.key(0), config)
