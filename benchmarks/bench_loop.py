@@ -8,7 +8,7 @@ stream for both sides. The two sides alternate over --rounds rounds (which one
 goes first alternates too); prints one JSON line per round and side, then one
 with the median after/before ratio and its min-max spread.
 
-    python benchmarks/bench_loop.py [--rounds 5] [--steps 20] [--log-every 50] [--prefetch 2]
+    python benchmarks/bench_loop.py [--rounds 7] [--steps 24] [--log-every 50] [--prefetch 2]
 """
 import argparse
 import json
@@ -57,8 +57,8 @@ def after(state, train_step, batches, _, steps, log_every):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=20, help="steps per side per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=24, help="steps per side per round (3 epochs of the data)")
     parser.add_argument("--log-every", type=int, default=50, help="log.every_steps of the after side")
     parser.add_argument("--prefetch", type=int, default=2, help="data.prefetch_to_device of the after side")
     parser.add_argument("--batch", type=int, default=32)
@@ -83,8 +83,8 @@ def main():
         first = to_global_arrays(next(host()), mesh, mesh.axis_names)
         train_step = make_train_step(model, tx, optimizer.learning_rate_schedule(config.optimizer, total), mesh,
                                      shardings, sharding.batch_shardings(mesh, first), seed=0)
-        for fn, stream in sides.values():  # compile, and start both tf.data streams
-            state = fn(state, train_step, stream, mesh, 3, args.log_every)
+        for fn, stream in sides.values():  # compile, and run both tf.data streams through an epoch
+            state = fn(state, train_step, stream, mesh, steps_in_epoch, args.log_every)
         jax.block_until_ready(state)
 
         rates = {name: [] for name in sides}
