@@ -90,13 +90,12 @@ class Preemption:
     def __init__(self):
         self.requested = False
         self.previous = None
-        self.synced = jax.process_count() > 1
-        if not self.synced:
+        self.synced = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        if jax.process_count() == 1:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
-        elif not jax.config.jax_enable_preemption_service:
+        elif not self.synced:
             log.warning("jax_enable_preemption_service is off: SIGTERM ends the processes without a checkpoint; "
                         "a rerun resumes from the last periodic one")
-            self.synced = None
 
     def _handle(self, *_):
         self.requested = True
