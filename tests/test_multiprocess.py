@@ -47,7 +47,8 @@ def settings(records, **extra):
     # cross-process reduction sums in another order), which no tolerance could compare.
     values = {"data.dir": data_dir, "model.vocab_size": vocab_size, "model.eos_token_id": eos_id,
               "model.mode": "clip_finetune", "optimizer.eps": 1.0, "optimizer.learning_rate": 0.05,
-              "num_train_steps": STEPS, "checkpoint.every_steps": 4, "checkpoint.async_save": False, "eval.every_steps": 0, "log.every_steps": 3, **extra}
+              "num_train_steps": STEPS, "checkpoint.every_steps": 4, "checkpoint.async_save": False,
+              "eval.every_steps": 0, "log.every_steps": 3, **extra}
     return [f"--config.{key}={value}" for key, value in values.items()]
 
 
