@@ -30,7 +30,7 @@ from tests._tiny_training import write_tiny_records
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.py")
 PROCESSES = 2
-STEPS = 12
+STEPS = 24  # room for the SIGTERM to land mid-run on a busy machine
 
 
 @pytest.fixture(scope="module")
