@@ -46,7 +46,7 @@ def settings(records, **extra):
     # near-zero gradient becomes a learning-rate-sized step whose sign is float round-off (the
     # cross-process reduction sums in another order), which no tolerance could compare.
     values = {"data.dir": data_dir, "model.vocab_size": vocab_size, "model.eos_token_id": eos_id,
-              "model.mode": "clip_finetune", "optimizer.eps": 1.0, "optimizer.learning_rate": 0.05,
+              "model.mode": "clip_finetune", "optimizer.eps": 1.0, "optimizer.learning_rate": 0.01,
               "num_train_steps": STEPS, "checkpoint.every_steps": 4, "checkpoint.async_save": False,
               "eval.every_steps": 0, "log.every_steps": 3, **extra}
     return [f"--config.{key}={value}" for key, value in values.items()]
