@@ -1,6 +1,7 @@
 """`entityclip train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`"""
 import json
 import logging
+import os
 
 ACCEPTS_OVERRIDES = True  # --config.a.b=value pass through as args.overrides
 
@@ -17,10 +18,13 @@ def configure(parser):
 
 def run(args):
     from entityclip_jax.config import load_config, validate_config
+    from entityclip_jax.train import distributed
     from entityclip_jax.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = train(validate_config(load_config(args.config, args.overrides)), args.workdir,
-                    allow_config_change=args.allow_config_change)
+    config = load_config(args.config, args.overrides)
+    # Before validate_config counts the devices: JAX's backend must start after jax.distributed does.
+    distributed.initialize(config.distributed, os.environ)
+    summary = train(validate_config(config), args.workdir, allow_config_change=args.allow_config_change)
     print(json.dumps({"done": summary}, default=float))
     return 0
