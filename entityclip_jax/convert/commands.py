@@ -2,6 +2,8 @@
 import os
 import time
 
+from entityclip_jax import storage
+
 
 def _progress(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -67,7 +69,7 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
 
 def _towers_and_heads(checkpoint):
     """(config, tower params, heads or None); a training run is read once, heads included."""
-    if os.path.isdir(os.path.join(checkpoint, "checkpoints")) or os.path.isdir(os.path.join(checkpoint, "state")):
+    if storage.path(checkpoint).joinpath("checkpoints").is_dir() or storage.path(checkpoint).joinpath("state").is_dir():
         from entityclip_jax.train.checkpoint import restore_params
         config, params = restore_params(checkpoint)
         return config, params["clip"], params.get("heads")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 TOWERS_CONFIG = "clip_config.json"
@@ -78,18 +79,18 @@ def load_towers(path):
     """(CLIPConfig, params as host arrays) from any supported checkpoint kind or hub id."""
     from entityclip_jax.models.clip_config import CLIPConfig
     path = resolve_checkpoint(path)
-    if os.path.isfile(os.path.join(path, TOWERS_CONFIG)):
+    where = storage.path(path)
+    if (where / TOWERS_CONFIG).is_file():
         import orbax.checkpoint as ocp
-        with open(os.path.join(path, TOWERS_CONFIG)) as f:
-            config = CLIPConfig.from_dict(json.load(f))
-        return config, ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
-    if os.path.isfile(os.path.join(path, "config.json")):
+        config = CLIPConfig.from_dict(json.loads((where / TOWERS_CONFIG).read_text()))
+        return config, ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
+    if (where / "config.json").is_file():
         from entityclip_jax.convert.hf import load_hf_checkpoint
         return load_hf_checkpoint(path)
-    if os.path.isfile(path):
+    if where.is_file():
         from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
         return openai_to_flax(read_openai_checkpoint(path), source=path, allow_extra=True)
-    if os.path.isdir(path):
+    if where.is_dir():
         from entityclip_jax.train import checkpoint
         return checkpoint.restore_towers(path)
     raise EntityClipError(f"{path} does not exist; pass a towers directory, a training workdir, "
