@@ -75,6 +75,16 @@ def write_json_atomic(p, value, indent=2):
     write_text_atomic(p, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
+def copy(src, dst):
+    """Copies one file, also between a local disk and object storage; returns dst as a string."""
+    src, dst = path(src), path(dst)
+    if is_remote(src) == is_remote(dst):
+        src.copy(dst, overwrite=True)
+    else:  # each epath backend copies only within itself
+        dst.write_bytes(src.read_bytes())
+    return str(dst)
+
+
 def replace(src, dst):
     """Moves one file onto dst: an atomic rename locally, copy then delete on object storage."""
     src, dst = path(src), path(dst)
@@ -93,12 +103,18 @@ def move_tree(src, dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(src, dst)
         return
-    for item in src.glob("**/*"):
-        if not item.is_dir():
-            target = dst / item.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            item.copy(target, overwrite=True)
+    for item in _files(src):
+        copy(item, dst / str(item)[len(str(src)) + 1:])
     src.rmtree()
+
+
+def _files(directory):
+    """Every file below directory (epath's glob refuses "**" on gs://, its walk drops the scheme)."""
+    for item in directory.iterdir():
+        if item.is_dir():
+            yield from _files(item)
+        else:
+            yield item
 
 
 class JsonLines:

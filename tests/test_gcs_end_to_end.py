@@ -1,6 +1,6 @@
 """Every path on a real Cloud Storage emulator (tests/gcs_emulator.py): write-records to gs://,
 train with a gs:// workdir and gs:// records, kill -9 mid-run, rerun the same command (it
-resumes), then eval from gs:// into gs://. Each command runs as its own process with the
+resumes), then eval from gs:// into gs:// and export-hf from gs:// to gs://. Each command runs as its own process with the
 emulator variables, as a user's would; what lands in the bucket is read from the emulator."""
 import json
 import os
@@ -50,7 +50,7 @@ def _read(emulator, name):
         return response.read()
 
 
-def test_records_train_kill_resume_eval_all_on_gcs(emulator, tmp_path):
+def test_records_train_kill_resume_eval_export_all_on_gcs(emulator, tmp_path):
     from entityclip_jax.data.synthetic import write_synthetic_dataset
     from entityclip_jax.data.tokenizer import load_tokenizer
     started = time.monotonic()
@@ -113,4 +113,12 @@ def test_records_train_kill_resume_eval_all_on_gcs(emulator, tmp_path):
     report = json.loads(_read(emulator, "eval/retrieval.json"))
     assert report["num_texts"] == 16 and 0 <= report["i2t"]["R@1"] <= 100
     assert _read(emulator, "eval/retrieval.png").startswith(b"\x89PNG")
+
+    # --no-verify as in test_resume: the tiny run keeps CLIP's BOS id outside its 300-token vocabulary
+    _entityclip(emulator, "export-hf", workdir, f"gs://{BUCKET}/hf", "--no-verify")  # built locally, then uploaded
+    exported = {name.removeprefix("hf/") for name in emulator.objects(BUCKET) if name.startswith("hf/")}
+    marker = json.loads(_read(emulator, "hf/entityclip_export.json"))
+    assert {"config.json", "model.safetensors", RUN_TOKENIZER, "entityclip_export.json"} <= exported
+    assert set(marker["files"]) | {"entityclip_export.json"} == exported
+    assert _read(emulator, f"hf/{RUN_TOKENIZER}") == _read(emulator, f"run/{RUN_TOKENIZER}")
     print(f"gcs end to end: {time.monotonic() - started:.1f} s")

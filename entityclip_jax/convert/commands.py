@@ -1,5 +1,6 @@
 """CLI: `entityclip import-hf`, `export-hf`, `import-openai`."""
 import os
+import tempfile
 import time
 
 from entityclip_jax import storage
@@ -42,8 +43,16 @@ def run_export_hf(args):
 def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
-    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint
-    check_export_destination(os.path.abspath(out), overwrite, (checkpoint, tokenizer_from))  # before a long read
+    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint, upload_export
+    out = storage.absolute(out)
+    check_export_destination(out, overwrite, (checkpoint, tokenizer_from))  # before a long read
+    if storage.is_remote(out):  # built and verified on the local disk, then uploaded, its marker last
+        with tempfile.TemporaryDirectory() as local:
+            diff = export(checkpoint, os.path.join(local, "export"), tokenizer_from, verify=verify)
+            _progress(f"uploading to {out}")
+            upload_export(os.path.join(local, "export"), out)
+        _progress(f"done: {out}")
+        return diff
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")

@@ -124,4 +124,4 @@ def copy_run_tokenizer(checkpoint, out_dir):
     source = storage.path(_run_directory(checkpoint)) / RUN_TOKENIZER
     if not (storage.path(checkpoint).is_dir() and source.is_file()):
         return None
-    return str(source.copy(storage.path(out_dir) / RUN_TOKENIZER, overwrite=True))
+    return storage.copy(source, storage.join(out_dir, RUN_TOKENIZER))
