@@ -18,10 +18,12 @@ Object storage has no rename and no append, so:
     written last (entityclip_meta.json, the export marker), never a rename;
   * append (metrics.jsonl): see JsonLines.
 """
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import tempfile
 import time
 
 from etils import epath
@@ -78,6 +80,8 @@ def write_json_atomic(p, value, indent=2):
 def copy(src, dst):
     """Copies one file, also between a local disk and object storage; returns dst as a string."""
     src, dst = path(src), path(dst)
+    if not is_remote(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
     if is_remote(src) == is_remote(dst):
         src.copy(dst, overwrite=True)
     else:  # each epath backend copies only within itself
@@ -106,6 +110,24 @@ def move_tree(src, dst):
     for item in _files(src):
         copy(item, dst / str(item)[len(str(src)) + 1:])
     src.rmtree()
+
+
+@contextlib.contextmanager
+def local_copy(p):
+    """A local path holding what p holds, for readers that only open local files (safetensors,
+    torch.load, transformers): p itself when local, else a temporary download deleted on exit."""
+    source = path(p)
+    if not is_remote(source):
+        yield str(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="entityclip-") as tmp:
+        local = os.path.join(tmp, source.name)
+        if source.is_dir():
+            for item in _files(source):
+                copy(item, os.path.join(local, str(item)[len(str(source)) + 1:]))
+        else:
+            copy(source, local)
+        yield local
 
 
 def _files(directory):

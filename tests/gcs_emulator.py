@@ -131,6 +131,8 @@ def running(directory):
             "HTTPS_PROXY": proxy_url, "https_proxy": proxy_url, "http_proxy": proxy_url,
             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "CURL_CA_BUNDLE": ca,
             "GCS_REQUEST_IDLE_TIMEOUT_SECS": "10", "GCS_RETRY_CONFIG_MAX_RETRIES": "2",
+            # a credentials lookup that slipped through would ask the GCE metadata server: keep it local and dead
+            "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
         }
         yield Emulator(url, env)
     finally:

@@ -41,7 +41,7 @@ def test_local_atomic_write_replace_and_json_lines(tmp_path):
 
 
 ON_GCS = r'''
-import json, sys
+import json, pathlib, sys
 from entityclip_jax import storage
 root, local = sys.argv[1], sys.argv[2]
 lines = storage.JsonLines(storage.join(root, "metrics.jsonl"), flush_seconds=3600)
@@ -55,7 +55,9 @@ storage.copy(storage.join(root, "run", "a.json"), local + "/a.json")          # 
 storage.copy(local + "/a.json", storage.join(root, "run", "deep", "b.json"))  # local -> gs://
 storage.replace(storage.join(root, "run", "a.json"), storage.join(root, "run", "c.json"))
 storage.move_tree(storage.join(root, "run"), storage.join(root, "aside", "run"))
-print(json.dumps({"size": storage.size(storage.join(root, "aside", "run", "c.json")),
+with storage.local_copy(storage.join(root, "aside", "run")) as copied:
+    downloaded = sorted(str(p.relative_to(copied)) for p in pathlib.Path(copied).rglob("*.json"))
+print(json.dumps({"downloaded": downloaded, "size": storage.size(storage.join(root, "aside", "run", "c.json")),
                   "run_exists": storage.path(storage.join(root, "run")).exists()}))
 '''
 
@@ -71,7 +73,8 @@ def test_storage_on_the_emulator(tmp_path):
         metrics = [json.loads(line) for line in gcs_read(emulator, "unit", "r/metrics.jsonl").splitlines()]
     assert metrics == [{"step": 1}, {"step": 3}, {"step": 4}]
     assert objects == ["r/aside/run/c.json", "r/aside/run/deep/b.json", "r/metrics.jsonl"]
-    assert result == {"size": len(json.dumps({"x": 1}, indent=2)) + 1, "run_exists": False}
+    assert result == {"downloaded": ["c.json", "deep/b.json"], "size": len(json.dumps({"x": 1}, indent=2)) + 1,
+                      "run_exists": False}
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
 
 

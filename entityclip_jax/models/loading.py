@@ -86,10 +86,12 @@ def load_towers(path):
         return config, ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
     if (where / "config.json").is_file():
         from entityclip_jax.convert.hf import load_hf_checkpoint
-        return load_hf_checkpoint(path)
+        with storage.local_copy(path) as local:  # safetensors and torch read local files only
+            return load_hf_checkpoint(local)
     if where.is_file():
         from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
-        return openai_to_flax(read_openai_checkpoint(path), source=path, allow_extra=True)
+        with storage.local_copy(path) as local:
+            return openai_to_flax(read_openai_checkpoint(local), source=path, allow_extra=True)
     if where.is_dir():
         from entityclip_jax.train import checkpoint
         return checkpoint.restore_towers(path)
