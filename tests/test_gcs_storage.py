@@ -12,6 +12,8 @@ import urllib.request
 import pytest
 
 from entityclip_jax import storage
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.explain.cache import CacheWriter
 from tests import gcs_emulator
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -43,6 +45,8 @@ def test_local_atomic_write_replace_and_json_lines(tmp_path):
 ON_GCS = r'''
 import json, pathlib, sys
 from entityclip_jax import storage
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.explain.cache import CacheWriter
 root, local = sys.argv[1], sys.argv[2]
 lines = storage.JsonLines(storage.join(root, "metrics.jsonl"), flush_seconds=3600)
 lines.append({"step": 1}); lines.append({"step": 2})
@@ -89,3 +93,8 @@ def test_the_proxy_refuses_every_host_but_googleapis(tmp_path):
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": emulator.env["http_proxy"]}))
         with pytest.raises(urllib.error.HTTPError, match="403"):
             opener.open("http://example.com/", timeout=10)
+
+
+def test_the_explanation_cache_is_refused_on_gcs():
+    with pytest.raises(EntityClipError, match="must be a local file"):
+        CacheWriter("gs://bucket/explanations.jsonl")

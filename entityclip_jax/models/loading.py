@@ -29,7 +29,7 @@ def resolve_checkpoint(spec):
     are huggingface_hub's own; only the files a CLIPModel needs are fetched.
     """
     match = HUB_ID.fullmatch(str(spec))
-    if os.path.exists(spec) or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
+    if storage.is_remote(spec) or os.path.exists(spec) or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
         return spec
     import huggingface_hub  # lazy: ~1 s to import, needed only for hub ids
     from huggingface_hub import constants, errors
@@ -63,15 +63,14 @@ def resolve_checkpoint(spec):
 def save_towers(params, config, out_dir):
     """Write Flax tower params (Orbax) with their architecture beside them."""
     import orbax.checkpoint as ocp
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "params")):
+    out_dir = storage.absolute(out_dir)
+    if storage.path(out_dir).joinpath("params").exists():
         raise EntityClipError(f"{out_dir} already holds params; choose a new directory")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, "params"), params)
+    checkpointer.save(storage.join(out_dir, "params"), params)
     checkpointer.wait_until_finished()
-    with open(os.path.join(out_dir, TOWERS_CONFIG), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+    storage.write_json_atomic(storage.join(out_dir, TOWERS_CONFIG), config.to_dict())
     return out_dir
 
 
