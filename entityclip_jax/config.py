@@ -264,8 +264,7 @@ def _text_positions(init):
     for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
                        ("config.json", ("text_config", "max_position_embeddings"))):
         try:
-            with open(os.path.join(str(init), name)) as f:
-                value = json.load(f)
+            value = json.loads(storage.path(str(init)).joinpath(name).read_text())
         except (OSError, ValueError):
             continue
         for key in path:
