@@ -1,35 +1,33 @@
 """Image and text encoding throughput: our jitted Flax CLIP vs transformers' PyTorch CLIPModel.
 
-Same architecture (ViT-B/32 by default), same random weights, same inputs, one
-run. Prints a Markdown table for BENCHMARKS.md.
+Same architecture (ViT-B/32 by default), same random weights, same synthetic
+inputs (no TensorFlow needed). After a warm-up call of each, the four sides
+(JAX image, PyTorch image, JAX text, PyTorch text) alternate over --rounds
+rounds of --calls calls each, the order reversed every other round; a figure is
+the median over rounds of PyTorch time / JAX time (> 1: JAX faster) with its
+min-max spread. Prints one JSON line per tower.
 
-    python benchmarks/bench_encode.py [--preset vit-b-32] [--batch 32] [--repeats 5]
+    python benchmarks/bench_encode.py [--preset vit-b-32] [--batch 32] [--rounds 5] [--calls 2]
 """
 import argparse
 import os
 import platform
-import time
+import sys
 
 import numpy as np
 
-
-def timed(fn, repeats):
-    fn()  # warm-up (compilation for JAX)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rounds import alternate, emit, ratio, spread  # noqa: E402
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="vit-b-32")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2, help="calls of each side per round")
     parser.add_argument("--dtype", default="float32", help="JAX compute dtype (bfloat16 on GPU/TPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
@@ -58,24 +56,34 @@ def main():
     encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIPModel.encode_image).embeds)
     encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIPModel.encode_text).embeds)
     jax_pixels, jax_ids = jnp.asarray(pixels), jnp.asarray(ids)
-    torch_pixels, torch_ids = torch.from_numpy(pixels.transpose(0, 3, 1, 2)), torch.from_numpy(ids)
+    torch_pixels, torch_ids = torch.from_numpy(pixels.transpose(0, 3, 1, 2)).contiguous(), torch.from_numpy(ids)
 
-    results = {}
+    def repeated(fn):
+        def run():
+            for _ in range(args.calls):
+                fn()
+        return run
+
+    sides = {
+        "jax_image": repeated(lambda: encode_image(params, jax_pixels).block_until_ready()),
+        "torch_image": repeated(lambda: torch_model.get_image_features(pixel_values=torch_pixels)),
+        "jax_text": repeated(lambda: encode_text(params, jax_ids).block_until_ready()),
+        "torch_text": repeated(lambda: torch_model.get_text_features(input_ids=torch_ids)),
+    }
     with torch.inference_mode():
-        results["image"] = (
-            timed(lambda: encode_image(params, jax_pixels).block_until_ready(), args.repeats),
-            timed(lambda: torch_model.get_image_features(pixel_values=torch_pixels), args.repeats))
-        results["text"] = (
-            timed(lambda: encode_text(params, jax_ids).block_until_ready(), args.repeats),
-            timed(lambda: torch_model.get_text_features(input_ids=torch_ids), args.repeats))
+        for side in sides.values():     # warm-up: compilation, allocator
+            side()
+        seconds = alternate(sides, args.rounds)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); {args.preset}, batch {args.batch}, {args.dtype}")
-    print("| tower | JAX items/s | PyTorch items/s | JAX / PyTorch |")
-    print("|---|---|---|---|")
-    for tower, (jax_s, torch_s) in results.items():
-        print(f"| {tower} | {args.batch / jax_s:.1f} | {args.batch / torch_s:.1f} | {torch_s / jax_s:.2f} |")
+    machine = dict(machine=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                   jax=jax.__version__, jax_device=jax.devices()[0].platform, torch=torch.__version__,
+                   torch_threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
+    for tower in ("image", "text"):
+        items = args.batch * args.calls
+        emit(f"encode_{tower}", preset=args.preset, batch=args.batch, dtype=args.dtype, rounds=args.rounds,
+             jax_items_per_s=spread([items / s for s in seconds[f"jax_{tower}"]]),
+             torch_items_per_s=spread([items / s for s in seconds[f"torch_{tower}"]]),
+             jax_speedup_over_torch=ratio(seconds[f"torch_{tower}"], seconds[f"jax_{tower}"]), **machine)
 
 
 if __name__ == "__main__":

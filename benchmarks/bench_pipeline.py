@@ -9,15 +9,23 @@ quality 90) and replicated to --records examples. Then:
      (read+parse, decode, resize, crop, normalise) on the first 1000 records.
 images/s/core is images per CPU-second of this process, which stays meaningful
 when other jobs share the machine; "cores used" is CPU seconds per wall second.
+The configurations alternate over --rounds rounds (the order reversed every
+other round); each figure is the median over rounds with its min-max spread,
+and its ratio to the exact mode is the median of per-round ratios. Prints one
+JSON line per figure.
 
-    python benchmarks/bench_pipeline.py [--records 3000] [--batch 64] [--image-size 224]
+    python benchmarks/bench_pipeline.py [--records 3000] [--batch 64] [--image-size 224] [--rounds 3]
 """
 import argparse
 import io
 import os
 import pathlib
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rounds import alternate, emit, ratio, spread  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,9 +67,9 @@ def write_records(out_dir, n):
     entry = records.write_split(examples, pathlib.Path(out_dir) / "records", "train", tokenizer, SkipReport(),
                                 examples_per_shard=256, workers=None, progress=False)
     seconds = time.perf_counter() - start
-    print(f"writer: {entry['num_examples']} records ({entry['num_bytes'] / 2**20:.0f} MiB, "
-          f"{len(entry['shards'])} shards) in {seconds:.1f} s = {entry['num_examples'] / seconds:.0f} records/s "
-          f"(PIL verify+load in {os.cpu_count()} spawned workers)")
+    emit("writer_records_per_s", records=entry["num_examples"], mib=entry["num_bytes"] / 2**20,
+         shards=len(entry["shards"]), seconds=seconds, records_per_s=entry["num_examples"] / seconds,
+         workers=os.cpu_count())
     return pathlib.Path(out_dir) / "records"
 
 
@@ -114,11 +122,11 @@ def breakdown(data_dir, batch, image_size):
         "dct: + uint8 out, batched": lambda x: preprocess.clip_preprocess(
             parse(x)["image"], image_size, dct_scaling=True, normalize_on_host=False),
     }
-    print(f"\nwhere the time goes: CPU ms per image, cumulative stages ({image_size} px, 640x480 JPEGs):")
     for name, fn in stages.items():
         ds = tf.data.TFRecordDataset(files).take(1000).map(fn, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
         images, _, cpu = timed(ds.prefetch(2))
-        print(f"  {name:52s} {1000 * cpu / images:6.2f}")
+        emit("pipeline_stage_cpu_ms_per_image", stage=name, image_size=image_size,
+             cpu_ms_per_image=1000 * cpu / images)
 
 
 def main():
@@ -126,10 +134,11 @@ def main():
     parser.add_argument("--records", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     import tensorflow as tf
     cores = len(os.sched_getaffinity(0))
-    print(f"machine: {cores} CPU cores available, TensorFlow {tf.__version__}")
+    print(f"# machine: {cores} CPU cores available, TensorFlow {tf.__version__}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_records(tmp, args.records)
         configs = {
@@ -141,15 +150,20 @@ def main():
             "train: shuffle, random resized crop (decode_and_crop_jpeg), uint8":
                 {"train": True, "random_crop": True, "normalize_on_host": False},
         }
-        print(f"\npipeline at {args.image_size} px, batch {args.batch}; images/s/core = images per CPU-second "
-              "of this process (robust when other jobs share the machine)")
-        print(f"  {'configuration':66s} {'images/s':>8s} {'cores used':>10s} {'images/s/core':>13s}")
-        for name, options in configs.items():
-            images, wall, cpu = measure(data_dir, args.batch, args.image_size, **options)
-            print(f"  {name:66s} {images / wall:8.0f} {cpu / wall:10.2f} {images / cpu:13.0f}")
+        results = {name: [] for name in configs}
+
+        def side(name):
+            return lambda: results[name].append(measure(data_dir, args.batch, args.image_size, **configs[name]))
+        alternate({name: side(name) for name in configs}, args.rounds)
+        exact = next(iter(configs))
+        per_core = {name: [images / cpu for images, _, cpu in runs] for name, runs in results.items()}
+        for name, runs in results.items():
+            emit("pipeline_images_per_s", configuration=name, image_size=args.image_size, batch=args.batch,
+                 rounds=args.rounds, cores=cores, images_per_s=spread([images / wall for images, wall, _ in runs]),
+                 images_per_s_per_core=spread(per_core[name]),
+                 per_core_over_exact=ratio(per_core[name], per_core[exact]), load_average=os.getloadavg()[0])
         breakdown(data_dir, args.batch, args.image_size)
 
 if __name__ == "__main__":
-    import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests._raw_layouts: the tiny tokenizer
     main()

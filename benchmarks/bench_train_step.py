@@ -9,8 +9,11 @@ Reports samples/s, model FLOPs per sample from XLA's cost analysis of the
 compiled step (forward + backward + optimizer, per device program times the
 device count), and utilisation = achieved FLOP/s / peak where the peak is known
 (--peak-tflops, or a table of dense bf16/fp32 peaks for common GPUs/TPUs; never
-guessed for CPUs). Same random batch, same optimizer (the release's Adam) for
-every step measured. Writes JSON with --out.
+guessed for CPUs). Same synthetic batch (no TensorFlow needed), same optimizer
+(the release's Adam) for every step measured. After compilation and --warmup
+steps, the sides alternate over --rounds rounds of --steps steps, the order
+reversed every other round; ratios are medians of per-round ratios with their
+min-max spread. Prints one JSON line per figure; --out also writes them all.
 """
 import argparse
 import json
@@ -20,6 +23,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rounds import alternate, emit, ratio, spread  # noqa: E402
 
 # Dense peak TFLOP/s per device (bf16, fp32) from the vendors' data sheets.
 PEAK_TFLOPS = {
@@ -52,7 +57,8 @@ def random_batch(clip_config, batch_size, seed=0):
             "query_ids": ids(), "explanation_ids": ids()}
 
 
-def bench_jax(mode, args):
+def prepare_jax(mode, args):
+    """(run: args.steps steps, info) of our jitted train step in `mode`."""
     import jax
 
     from entityclip_jax.config import default_config
@@ -62,7 +68,7 @@ def bench_jax(mode, args):
     from entityclip_jax.train.step import make_train_step
 
     config = default_config()
-    config.model.init, config.model.mode, config.model.dtype = args.preset, mode, args.dtype
+    config.model.init, config.model.mode, config.model.dtype = f"random:{args.preset}", mode, args.dtype
     config.model.remat = args.remat
     config.batch_size = args.batch
     model, params = init_entityclip(jax.random.key(0), config)
@@ -85,23 +91,23 @@ def bench_jax(mode, args):
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops_per_step = float(cost.get("flops", 0.0)) * mesh.size  # cost of one device's program
 
+    holder = {"state": state}
+
+    def run():
+        for _ in range(args.steps):
+            holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready((holder["state"], holder["metrics"]))
+
     for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - started) / args.steps
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+    jax.block_until_ready(holder["metrics"])
     peak = args.peak_tflops or known_peak(jax.devices()[0], args.dtype)
-    achieved = flops_per_step / seconds / 1e12
-    return dict(impl=f"jax {mode}", samples_per_s=args.batch / seconds, step_ms=1e3 * seconds,
-                compile_s=compile_s, gflops_per_sample=flops_per_step / args.batch / 1e9,
-                achieved_tflops=achieved, utilisation=(achieved / (peak * mesh.size)) if peak else None,
-                loss=float(metrics["loss"]), devices=mesh.size)
+    info = dict(impl=f"jax {mode}", compile_s=compile_s, flops_per_step=flops_per_step,
+                gflops_per_sample=flops_per_step / args.batch / 1e9, peak_tflops=peak, devices=mesh.size)
+    return run, info
 
 
-def bench_torch(args):
+def prepare_torch(args):
     """transformers' CLIPModel fine-tuning step (VTC via return_loss, Adam) at the same shape."""
     import torch
     import transformers
@@ -127,16 +133,16 @@ def bench_torch(args):
         return loss
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run():
+        for _ in range(args.steps):
+            step()
+        sync()
+
     for _ in range(args.warmup):
         step()
     sync()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync()
-    seconds = (time.perf_counter() - started) / args.steps
-    return dict(impl="torch transformers CLIPModel (VTC)", samples_per_s=args.batch / seconds,
-                step_ms=1e3 * seconds, loss=float(loss.detach()), devices=1, torch_threads=torch.get_num_threads())
+    return run, dict(impl="torch transformers CLIPModel (VTC)", devices=1, torch_threads=torch.get_num_threads())
 
 
 def main(argv=None):
@@ -144,7 +150,8 @@ def main(argv=None):
     parser.add_argument("--preset", default="tiny", help="tower architecture: tiny, vit-b-32, vit-b-16, vit-l-14")
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the compared sides")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--remat", action="store_true", help="rematerialise tower layers")
     parser.add_argument("--torch", action="store_true", help="also time transformers' PyTorch CLIPModel")
@@ -153,21 +160,32 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import jax
-    results = [bench_jax("entityclip", args), bench_jax("clip_finetune", args)]
+    sides = {"entityclip": prepare_jax("entityclip", args), "clip_finetune": prepare_jax("clip_finetune", args)}
     if args.torch:
-        results.append(bench_torch(args))
+        sides["torch"] = prepare_torch(args)
+    seconds = alternate({name: run for name, (run, _) in sides.items()}, args.rounds)
     machine = dict(platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
-                   device=str(jax.devices()[0].device_kind), device_count=jax.device_count())
-    print(f"# {args.preset}, batch {args.batch}, {args.dtype}; {machine['device']} x {machine['device_count']}, "
-          f"{machine['cpu_count']} CPUs")
-    print(f"{'implementation':38s} {'samples/s':>10s} {'ms/step':>9s} {'GFLOP/sample':>13s} {'util':>6s}")
-    for r in results:
-        flops = f"{r['gflops_per_sample']:.2f}" if "gflops_per_sample" in r else "-"
-        util = f"{100 * r['utilisation']:.1f}%" if r.get("utilisation") else "-"
-        print(f"{r['impl']:38s} {r['samples_per_s']:10.1f} {r['step_ms']:9.1f} {flops:>13s} {util:>6s}")
+                   device=str(jax.devices()[0].device_kind), device_count=jax.device_count(),
+                   load_average=os.getloadavg()[0])
+    shape = dict(preset=args.preset, batch=args.batch, dtype=args.dtype, rounds=args.rounds, steps=args.steps)
+    figures = []
+    for name, (_, info) in sides.items():
+        step_s = [s / args.steps for s in seconds[name]]
+        figure = dict(figure=f"train_step_{name}", **shape, **info, samples_per_s=spread([args.batch / s for s in step_s]),
+                      step_ms=spread([1e3 * s for s in step_s]), **machine)
+        if info.get("peak_tflops"):
+            figure["utilisation"] = info["flops_per_step"] / min(step_s) / 1e12 / (info["peak_tflops"] * info["devices"])
+        figures.append(figure)
+    figures.append(dict(figure="train_step_entityclip_over_clip_finetune", **shape,
+                        step_time_ratio=ratio(seconds["entityclip"], seconds["clip_finetune"]), **machine))
+    if args.torch:
+        figures.append(dict(figure="train_step_clip_finetune_over_torch", **shape,
+                            step_time_ratio=ratio(seconds["clip_finetune"], seconds["torch"]), **machine))
+    for figure in figures:
+        emit(**figure)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), machine=machine, results=results), f, indent=2)
+            json.dump(figures, f, indent=2)
 
 
 if __name__ == "__main__":

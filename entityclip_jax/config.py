@@ -52,6 +52,7 @@ def default_config():
     c.data.random_crop = False              # release: resize + center crop only
     c.data.normalize_on_host = True
     c.data.dct_scaling = False
+    c.data.prefetch_to_device = 2           # batches put on the devices ahead of the step that uses them
 
     c.batch_size = 192        # GLOBAL batch: the contrastive loss sees all of it
     c.num_epochs = 20
@@ -92,8 +93,18 @@ def default_config():
     # every_steps <= 0 validates once per epoch; at_start logs the zero-shot numbers.
     c.eval = _section(every_steps=-1, batch_size=256, at_start=True)
     c.log = _section(every_steps=50)
-    # jax.distributed.initialize: "auto" (when the environment says multi-host), "always", "never".
-    c.distributed = _section(initialize="auto")
+    # Several processes (train/distributed.py): whether jax.distributed.initialize runs.
+    #   "auto": on a TPU VM (single host or pod) and under SLURM / Open MPI with several tasks,
+    #     jax.distributed.initialize() with JAX's own cluster detection; on GPU hosts without a
+    #     scheduler, the explicit coordinator below; on a CPU box or one GPU host, nothing (one process).
+    #   "always": call it in any environment (an error where JAX finds no cluster and no coordinator).
+    #   "never": one process, even on a TPU pod host (single-host debugging).
+    # Explicit coordinator (all three, on every host): "10.0.0.1:1234", the process count, this host's id.
+    # heartbeat_timeout_seconds: how long the other processes wait for a dead one before they all stop
+    # with an error.
+    c.distributed = _section(initialize="auto", coordinator_address=placeholder(str),
+                             num_processes=placeholder(int), process_id=placeholder(int),
+                             heartbeat_timeout_seconds=100)
     return c
 
 

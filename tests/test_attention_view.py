@@ -53,3 +53,22 @@ def test_word_scores_merge_pieces_and_rank(tmp_path):
                          tmp_path / "attention.png")
     with Image.open(out) as png:
         assert png.size[0] > 400 and png.size[1] > 200
+
+
+class _OpenAIPaddedTokenizer(_PieceTokenizer):
+    """OpenAI's layout: id 0 is the real piece '!' and also the padding after EOT."""
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    pieces = ["!</w>", "<|startoftext|>", "<|endoftext|>", "wow", "crown</w>"]
+
+    class backend:
+        @staticmethod
+        def id_to_token(i):
+            return _OpenAIPaddedTokenizer.pieces[i]
+
+
+def test_word_scores_keep_a_real_zero_id_and_drop_the_padding():
+    ids = [1, 3, 0, 4, 2, 0, 0]  # "wow! crown" EOT pad pad
+    attention = np.array([[0.0, 0.1, 0.2, 0.3, 0.0, 0.2, 0.2]])
+    words = word_scores(attention, ids, _OpenAIPaddedTokenizer())
+    assert [w for w, _ in words] == ["wow!", "crown"]
+    np.testing.assert_allclose([m for _, m in words], [0.3, 0.3])

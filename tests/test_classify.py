@@ -88,3 +88,10 @@ def test_bad_shapes_are_refused():
         class_scores(images, headlines[:-1], classes)
     with pytest.raises(EntityClipError, match="all-zero"):
         class_scores(images, np.zeros_like(headlines), classes)
+
+
+def test_nan_embeddings_are_refused_not_scored():
+    images, headlines, classes = unnormalised_problem(seed=4)
+    headlines[2, 0] = np.nan
+    with pytest.raises(EntityClipError, match="headline_embeds hold NaN or inf"):
+        class_scores(images, headlines, classes)

@@ -13,9 +13,13 @@ def test_quick_demo_runs_every_stage_and_leaves_real_artefacts(tmp_path, capsys)
     printed = capsys.readouterr().out
     for row in ("| step 0 (no training) |", "| clip_finetune |", "| entityclip |", "export parity"):
         assert row in printed
-    for name in ("step0", "clip_finetune", "entityclip"):
-        metrics = json.loads((workdir / "results" / name / "retrieval.json").read_text())
-        assert metrics["num_texts"] == 32 and 0 <= metrics["i2t"]["R@10"] <= 100
+    metrics = {name: json.loads((workdir / "results" / name / "retrieval.json").read_text())
+               for name in ("step0", "clip_finetune", "entityclip")}
+    assert all(m["num_texts"] == 32 and m["ties"] == "pessimistic" for m in metrics.values())
+    # Even the 8 steps of --quick learn: both trained models beat the untrained towers on the test split
+    # (a run of this demo: rsum 144 at step 0, 200 and 206 after training; chance is about 50).
+    for name in ("clip_finetune", "entityclip"):
+        assert metrics[name]["rsum"] > metrics["step0"]["rsum"] + 25, (name, metrics[name]["rsum"])
     for png in ("results/entityclip/retrieval.png", "results/attention.png",
                 "results/classification/classification.png"):
         with Image.open(workdir / png) as image:

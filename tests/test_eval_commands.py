@@ -1,6 +1,7 @@
 """`entityclip eval`, `classify`, `search-index` and `search` end to end on tiny TFRecords."""
 import dataclasses
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -24,6 +25,63 @@ def setup(tmp_path_factory):
     towers = save_towers(params, config, root / "towers")
     return dict(root=root, records=records, towers=str(towers), config=config, params=params,
                 tokenizer=str(root / "tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny plain-CLIP fine-tuning run on the synthetic entity photos: a model that has learnt something."""
+    from entityclip_jax.config import load_config
+    from entityclip_jax.train import loop
+    root = tmp_path_factory.mktemp("trained")
+    records, vocab, eos = write_tiny_records(root, num_train=256, num_val=40)
+    overrides = {"data.dir": records, "model.vocab_size": vocab, "model.eos_token_id": eos,
+                 "model.mode": "clip_finetune", "num_train_steps": 40, "eval.every_steps": 0,
+                 "checkpoint.every_steps": 40}
+    config = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_cpu.py"),
+                         [f"--config.{key}={value}" for key, value in overrides.items()])
+    loop.train(config, str(root / "run"))
+    return dict(root=root, records=records, run=str(root / "run"), tokenizer=str(root / "tokenizer"))
+
+
+def reference_confusion_matrix(setup, class_names):
+    """Zero-shot predictions of transformers' PyTorch CLIP holding the towers' weights, on the
+    records' own pixels and headlines, scored in NumPy."""
+    import torch
+    import transformers
+
+    from entityclip_jax.convert.layout import flax_to_state_dict
+    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+    from entityclip_jax.data.tokenizer import load_tokenizer
+
+    model = transformers.CLIPModel(setup["config"].to_hf()).eval()
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in flax_to_state_dict(setup["params"]).items()},
+                          strict=False)
+    tokenizer = load_tokenizer(setup["tokenizer"])
+    length = setup["config"].text.max_position_embeddings
+    batches = list(numpy_batches(make_dataset(setup["records"], "val", batch_size=16, train=False,
+                                              image_size=setup["config"].vision.image_size,
+                                              process_index=0, process_count=1)))
+    keep = np.concatenate([b["mask"] for b in batches])
+    pixels = np.concatenate([b["pixel_values"] for b in batches])[keep]
+    headlines = [h.decode() for h in np.concatenate([b["headline"] for b in batches])[keep]]
+    labels = [x.decode() for x in np.concatenate([b["label"] for b in batches])[keep]]
+
+    def features(output):
+        return unit(np.asarray(getattr(output, "pooler_output", output)))
+    with torch.no_grad():
+        images = features(model.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))))
+        texts = {name: features(model.get_text_features(
+                     input_ids=torch.from_numpy(tokenizer.encode(strings, length)[0]).long()))
+                 for name, strings in (("headlines", headlines),
+                                       ("prompts", [f"a news photo about {c}" for c in class_names]))}
+    predicted = np.argmax(images @ texts["prompts"].T + texts["headlines"] @ texts["prompts"].T, axis=1)
+    matrix = np.zeros((len(class_names),) * 2, np.int64)
+    np.add.at(matrix, ([class_names.index(label) for label in labels], predicted), 1)
+    return matrix
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute_force_metrics(setup):
@@ -55,29 +113,38 @@ def test_eval_command_writes_metrics_equal_to_brute_force(setup, capsys):
         assert png.size[0] > 200
 
 
-def test_classify_command(setup, capsys):
+def test_classify_command_predicts_what_the_embeddings_say(setup, capsys):
     out = setup["root"] / "classify_out"
     assert cli(["classify", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
                 "--out", str(out), "--tokenizer", setup["tokenizer"], "--batch-size", "16"]) == 0
     summary = json.loads((out / "classification.json").read_text())
     assert summary["num_examples"] == 40 and sum(map(sum, summary["confusion_matrix"])) == 40
+    # The reference: transformers' PyTorch CLIP on the same images, headlines and prompts, scored by hand.
+    want = reference_confusion_matrix(setup, summary["class_names"])
+    assert summary["confusion_matrix"] == want.tolist()
     assert set(summary["class_names"]) <= {"politics", "sports", "business", "science", "arts"}
     assert "zero-shot accuracy" in capsys.readouterr().out
     with Image.open(out / "classification.png") as png:
         assert png.size[0] > 200
 
 
-def test_search_commands_find_the_described_image(setup, capsys):
-    index = setup["root"] / "index.npz"
-    assert cli(["search-index", "--checkpoint", setup["towers"], "--records", setup["records"], "--split", "val",
+def test_search_commands_find_the_described_image(trained, capsys):
+    index = trained["root"] / "index.npz"
+    assert cli(["search-index", "--checkpoint", trained["run"], "--records", trained["records"], "--split", "val",
                 "--out", str(index), "--dtype", "float32"]) == 0
-    query = json.loads((setup["root"] / "raw" / "val.jsonl").read_text().splitlines()[0])["query"]
-    sheet = setup["root"] / "hits.png"
-    assert cli(["search", "--checkpoint", setup["towers"], "--index", str(index), "--query", query,
-                "-k", "3", "--sheet", str(sheet), "--tokenizer", setup["tokenizer"]]) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("  1. ") == 1 and " 3. " in printed
-    assert sheet.exists() and Image.open(sheet).size[0] > 100
+    examples = [json.loads(line) for line in (trained["root"] / "raw" / "val.jsonl").read_text().splitlines()]
+    queries = [e for e in examples if sum(o["query"] == e["query"] for o in examples) == 1][:8]   # unambiguous
+    sheet = trained["root"] / "hits.png"
+    command = ["search", "--checkpoint", trained["run"], "--index", str(index), "-k", "5", "--sheet", str(sheet),
+               "--tokenizer", trained["tokenizer"]]
+    assert cli(command + [arg for e in queries for arg in ("--query", e["query"])]) == 0
+    printed = capsys.readouterr().out.split("query: ")[1:]
+    assert len(printed) == len(queries) == 8
+    found = [f" {e['id']}\n" in hits for e, hits in zip(queries, printed)]
+    # A trained model finds most described images in its top 5 of 40; chance would find 1 of 8.
+    assert sum(found) >= 5, printed
+    assert printed[0].count("  1. ") == 1 and " 5. " in printed[0]
+    assert (trained["root"] / "hits_1.png").exists() and Image.open(trained["root"] / "hits_1.png").size[0] > 100
 
 
 def test_eval_refuses_a_missing_checkpoint(setup, capsys):

@@ -38,9 +38,16 @@ def tied_problem(seed, num_images=37, dim=6):
 
 
 @pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
-@pytest.mark.parametrize("chunk_size", [1, 7, 10, 1000])
-def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size):
+@pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (10, "numpy"), (1000, "numpy"),
+                                                 (10, "jax")])
+def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size, backend, monkeypatch):
+    import jax.numpy as jnp
+
+    from entityclip_jax.eval import retrieval
+    if backend == "jax":   # the path GPU/TPU take: scores and counts in jax.numpy
+        monkeypatch.setattr(retrieval, "_array_backend", lambda: (jnp, retrieval._jax_scores))
     image_embeds, text_embeds, text_to_image = tied_problem(seed=chunk_size)
+    image_embeds[5] = image_embeds[30]      # a duplicated image: text->image ties across blocks
     got = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, ties=ties)
     want = brute_force_ranks(image_embeds, text_embeds, text_to_image, ties)
     np.testing.assert_array_equal(got["i2t_ranks"], want["i2t_ranks"])
@@ -210,27 +217,28 @@ def test_encode_dataset_images_only_and_empty_input():
         encode_dataset(batches, lambda x: x, lambda t: t)
 
 
-def test_clip_encoders_give_the_towers_normalised_embeddings():
-    import jax
+def test_clip_encoders_equal_transformers_pytorch_clip(tiny_hf_dir):
+    """The reference is independent of our model code: transformers' PyTorch CLIPModel."""
+    import torch
+    import transformers
 
     from entityclip_jax.eval.encode import clip_encoders
     from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.clip_config import preset
+    from entityclip_jax.models.loading import load_towers
 
-    config = preset("tiny")
-    model = CLIPModel(config)
+    config, params = load_towers(tiny_hf_dir)
+    reference = transformers.CLIPModel.from_pretrained(tiny_hf_dir).eval()
     rng = np.random.default_rng(0)
-    pixels = rng.normal(size=(3, config.vision.image_size, config.vision.image_size, 3)).astype(np.float32)
-    ids = rng.integers(1, config.text.vocab_size - 1, (3, config.text.max_position_embeddings)).astype(np.int32)
-    ids[:, 5] = config.text.eos_token_id
-    # Random parameters of the right shapes, without compiling model.init.
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids, pixels)["params"]
-    params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    size, length = config.vision.image_size, config.text.max_position_embeddings
+    pixels = rng.normal(size=(5, size, size, 3)).astype(np.float32)
+    ids = rng.integers(1, config.text.bos_token_id, (5, length)).astype(np.int64)
+    ids[:, 0], ids[np.arange(5), [3, 5, 7, 9, 15]] = config.text.bos_token_id, config.text.eos_token_id
+    with torch.no_grad():
+        want_image = reference.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+        want_text = reference.get_text_features(input_ids=torch.from_numpy(ids))
+    want_image, want_text = (np.asarray(getattr(w, "pooler_output", w)) for w in (want_image, want_text))
 
-    encode_image, encode_text = clip_encoders(model, params)
-    apply = jax.jit(model.apply, static_argnames="method")
-    want_image = apply({"params": params}, pixels, method=CLIPModel.encode_image).embeds
-    want_text = apply({"params": params}, ids, method=CLIPModel.encode_text).embeds
-    np.testing.assert_allclose(encode_image(pixels), want_image, atol=1e-5)
-    np.testing.assert_allclose(encode_text(ids), want_text, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(encode_image(pixels), axis=1), 1, atol=1e-5)
+    encode_image, encode_text = clip_encoders(CLIPModel(config), params)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)   # noqa: E731
+    np.testing.assert_allclose(np.asarray(encode_image(pixels)), unit(want_image), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(encode_text(ids.astype(np.int32))), unit(want_text), atol=2e-5)

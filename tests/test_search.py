@@ -120,3 +120,18 @@ def test_find_images_refuses_a_folder_without_images(tmp_path):
     (tmp_path / "notes.txt").write_text("no pictures here")
     with pytest.raises(EntityClipError, match="no images"):
         find_images(tmp_path)
+
+
+def test_nan_or_inf_never_reaches_the_index_or_a_ranking(tmp_path):
+    embeds = random_unit(np.random.default_rng(2), 4, 8)
+    index = load_index(build_index(tmp_path / "i.npz", embeds, list("abcd")))
+    with pytest.raises(EntityClipError, match="query embeddings hold NaN or inf"):
+        query_index(index, np.full(8, np.nan))
+    broken = embeds.copy()
+    broken[1, 3] = np.inf
+    with pytest.raises(EntityClipError, match="NaN or inf"):
+        build_index(tmp_path / "j.npz", broken, list("abcd"))
+    np.savez(tmp_path / "k.npz", embeds=broken, paths=np.array(list("abcd")), ids=np.array(list("abcd")),
+             fingerprint=np.array(""), source=np.array("{}"))          # a damaged index file
+    with pytest.raises(EntityClipError, match="the index holds NaN or inf"):
+        query_index(load_index(tmp_path / "k.npz"), embeds[0])

@@ -18,7 +18,7 @@ from entityclip_jax import cli
 from entityclip_jax.config import load_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import loop
+from entityclip_jax.train import data, loop, sharding
 from tests._tiny_training import write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -108,10 +108,10 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_r
 
 def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, tmp_path, monkeypatch):
     config = load_config(str(ROOT / "configs" / "tiny_cpu.py"), overrides(
-        records, **{"model.mode": "clip_finetune", "num_train_steps": 6, "checkpoint.every_steps": 2,
-                    "eval.every_steps": 0, "checkpoint.async_save": False}))
-    events = {}
-    real_make_train_step = loop.make_train_step
+        records, **{"model.mode": "clip_finetune", "num_train_steps": 8, "checkpoint.every_steps": 2,
+                    "log.every_steps": 4, "eval.every_steps": 0, "checkpoint.async_save": False}))
+    events, fetched_at = {}, []
+    real_make_train_step, real_fetch = loop.make_train_step, loop.fetch_metrics
 
     def make_train_step(*args, **kwargs):
         real = real_make_train_step(*args, **kwargs)
@@ -122,22 +122,48 @@ def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, t
             if done == events.get("sigterm_at"):
                 os.kill(os.getpid(), signal.SIGTERM)  # what a TPU preemption sends
             if done == events.get("nan_at"):
-                metrics = dict(metrics, loss=float("nan"))
+                metrics = dict(metrics, loss=jax.numpy.float32("nan"))
             return state, metrics
         return step
+
+    def fetch_metrics(pending):  # the only place the host waits for the devices
+        fetched_at.append(pending[-1][0])
+        return real_fetch(pending)
     monkeypatch.setattr(loop, "make_train_step", make_train_step)
+    monkeypatch.setattr(loop, "fetch_metrics", fetch_metrics)
 
     events["sigterm_at"] = 3
     summary = loop.train(config, str(tmp_path))
     assert summary["preempted"] and summary["step"] == 3
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    assert fetched_at == [2, 3]  # a save, the preemption save: no wait at step 1
 
+    # NaN at step 5, between the log steps 4 and 8: found before step 6 is saved
     events.update(sigterm_at=None, nan_at=5)
+    fetched_at.clear()
     with pytest.raises(EntityClipError, match="diverged at step 5.*last good checkpoint is step 4"):
         loop.train(config, str(tmp_path))
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]  # keep=2; the bad step 5 never saved
+    assert fetched_at == [4, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "4"]  # keep=2; the bad steps never saved
     train, _ = read_metrics(tmp_path)
-    assert max(train) == 4 and all(np.isfinite(r["loss"]) for r in train.values())
+    assert sorted(train) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in train.values())
+
+
+def test_batches_are_put_on_the_devices_ahead_in_order():
+    mesh = sharding.make_mesh((("data", -1),))
+    taken = []
+
+    def host_batches():
+        for i in range(5):
+            taken.append(i)
+            yield {"x": np.full((8, 2), i, np.float32)}
+    batches = data.device_batches(host_batches(), mesh, prefetch=2)
+    first = next(batches)
+    assert taken == [0, 1, 2]  # two more already on their way to the devices
+    assert first["x"].sharding.spec == sharding.batch_spec(mesh, 2)
+    rest = list(batches)
+    assert [int(b["x"][0, 0]) for b in [first, *rest]] == [0, 1, 2, 3, 4]
+    assert [int(b["x"][0, 0]) for b in data.device_batches(host_batches(), mesh, prefetch=0)] == [0, 1, 2, 3, 4]
 
 
 def test_train_command_reports_bad_overrides(tmp_path, capsys):

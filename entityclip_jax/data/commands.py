@@ -1,4 +1,6 @@
 """CLI for the raw-data side: `entityclip tokenizer` (and `entityclip check-source`)."""
+import collections
+import json
 
 
 def configure_tokenizer(parser):
@@ -22,9 +24,6 @@ def configure_check_source(parser):
 
 def run_check_source(args):
     """Reads a split as write-records does (images decoded too), and prints counts and skip reasons."""
-    import collections
-    import json
-
     from entityclip_jax.data.example import SkipReport
     from entityclip_jax.data.records import checked_examples
     from entityclip_jax.data.write_command import source_examples

@@ -4,6 +4,8 @@
 and reads the split the same way (source_examples + records.checked_examples), so
 its counts are what write-records writes.
 """
+import os
+
 SOURCES = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
 
 
@@ -72,7 +74,6 @@ def source_examples(args, report):
 
 
 def run(args):
-    import os
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     from entityclip_jax.data.example import SkipReport
     from entityclip_jax.data.records import write_split

@@ -31,14 +31,15 @@ def word_scores(attention_rows, ids, tokenizer):
     """Attention mass per word: rows [Tq, S] summed over queries, BPE pieces merged.
 
     ids: the S explanation token ids; tokenizer: a data.tokenizer.ClipTokenizer
-    (a CLIP piece that ends a word carries '</w>'). Special tokens are left out.
+    (a CLIP piece that ends a word carries '</w>'). BOS, EOT and the padding after it are left out.
     Returns [(word, mass)] in text order.
     """
     mass = np.asarray(attention_rows).sum(axis=0)
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     words, group, group_mass = [], [], 0.0
     for token_id, m in zip(np.asarray(ids).tolist(), mass):
-        if token_id in special:
+        if token_id == tokenizer.eos_token_id:
+            break  # padding follows EOT, and its id (0 as OpenAI pads) is also a real piece ("!")
+        if token_id == tokenizer.bos_token_id:
             continue
         group.append(token_id)
         group_mass += float(m)

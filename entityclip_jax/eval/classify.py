@@ -128,6 +128,9 @@ def _unit_rows(x, name):
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise EntityClipError(f"{name} must be a non-empty [N, D] array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise EntityClipError(f"{name} hold NaN or inf; the checkpoint is likely damaged or diverged: "
+                              "use an earlier checkpoint")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if not np.all(norms > 0):
         raise EntityClipError(f"{name} has all-zero rows; cosine similarity is undefined for them")

@@ -18,10 +18,11 @@ def _add_common(parser):
     parser.add_argument("--batch-size", type=int, default=64)
 
 
-def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", transform=None):
+def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", transform=None, encoders=None):
     """(image_embeds, text_embeds, ids, labels, config) of a whole split, plain CLIP towers.
 
     transform(batches, config) may add fields to each batch (e.g. tokenized headlines).
+    encoders: a list to which the (encode_image, encode_text) pair is appended, for reuse.
     """
     from entityclip_jax.data.pipeline import make_dataset, numpy_batches
     from entityclip_jax.eval.encode import clip_encoders, encode_dataset
@@ -31,7 +32,9 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
 
     config, params = load_towers(checkpoint)
     check_eval_data(checkpoint, data_dir, split, config)  # the records speak the model's tokenizer
-    encode_image, encode_text = clip_encoders(CLIPModel(config), params)
+    encode_image, encode_text = clip_encoders(CLIPModel(config), params)   # data-parallel over every device
+    if encoders is not None:
+        encoders.append((encode_image, encode_text))
     dataset = make_dataset(data_dir, split, batch_size=batch_size, image_size=config.vision.image_size,
                            train=False, process_index=0, process_count=1)
     batches = numpy_batches(dataset)
@@ -81,9 +84,7 @@ def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_pat
     from entityclip_jax.data.tokenizer import load_tokenizer
     from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
                                               write_classification_report, zero_shot_classify)
-    from entityclip_jax.eval.encode import clip_encoders
-    from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.loading import load_towers
+    from entityclip_jax.eval.encode import check_finite
 
     tokenizer = load_tokenizer(tokenizer_path)
 
@@ -92,14 +93,17 @@ def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_pat
             headlines = [h.decode("utf-8") if isinstance(h, bytes) else str(h) for h in batch["headline"]]
             yield dict(batch, headline_ids=tokenizer.encode(headlines, config.text.max_position_embeddings)[0])
 
+    encoders = []
     images, headlines, _, labels, config = encode_split(checkpoint, data_dir, split, batch_size,
-                                                        text_key="headline_ids", transform=with_headline_ids)
+                                                        text_key="headline_ids", transform=with_headline_ids,
+                                                        encoders=encoders)
     labels = np.asarray(labels).astype(str)
     class_names = sorted(set(labels)) if class_names is None else list(class_names)
     prompt_ids, _ = tokenizer.encode(class_prompts(class_names, template or DEFAULT_TEMPLATE),
                                      config.text.max_position_embeddings)
-    _, encode_text = clip_encoders(CLIPModel(config), load_towers(checkpoint)[1])
-    predictions = zero_shot_classify(images, headlines, np.asarray(encode_text(prompt_ids)))
+    _, encode_text = encoders[0]
+    prompts = check_finite(np.asarray(encode_text(prompt_ids)), "class prompt embeddings")
+    predictions = zero_shot_classify(images, headlines, prompts)
     return write_classification_report(label_indices(labels, class_names), np.asarray(predictions),
                                        class_names, out_dir, template=template or DEFAULT_TEMPLATE)
 

@@ -2,14 +2,16 @@
 
 The deterministic eval pipeline pads its last batch to full size and marks real
 rows with `mask`, so every batch has one shape and each encoder compiles once;
-padding rows are dropped here, after encoding.
+padding rows are dropped here, after encoding. The encoders are data-parallel:
+one jit, each batch split over every device of the mesh (default: all local
+devices), the parameters replicated.
 """
-import functools
-
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.train import sharding
 
 
 def encode_dataset(batches, encode_image_fn, encode_text_fn=None, *, image_key="pixel_values", text_key="query_ids"):
@@ -40,33 +42,61 @@ def encode_dataset(batches, encode_image_fn, encode_text_fn=None, *, image_key="
     if not masks or not np.concatenate(masks).any():
         raise EntityClipError("the dataset yielded no examples to encode; check the data directory and split")
     keep = np.concatenate(masks)
-    image_embeds = _gathered(image_parts, keep)
-    text_embeds = _gathered(text_parts, keep) if encode_text_fn else None
+    image_embeds = check_finite(_gathered(image_parts, keep), "image embeddings")
+    text_embeds = check_finite(_gathered(text_parts, keep), "text embeddings") if encode_text_fn else None
     if any(part is None for part in ids):      # no ids: name examples by their position
         ids = [np.arange(keep.size).astype(str)]
     labels = None if any(part is None for part in labels) else np.concatenate(labels)[keep]
     return image_embeds, text_embeds, np.concatenate(ids)[keep], labels
 
 
-def clip_encoders(model, params):
+def clip_encoders(model, params, mesh=None):
     """(encode_image_fn, encode_text_fn) -> L2-normalised [b, D] embeddings of the plain towers.
 
-    Parameters go to the device once and enter jit as arguments. No text
-    attention mask: CLIP's text tower is causal, so the padding after EOT never
-    reaches the EOT feature.
+    Data-parallel over `mesh` (default: every local device on one axis): the
+    parameters are replicated once and enter jit as arguments; each batch is
+    padded to a multiple of the device count and split over the devices. No
+    text attention mask: CLIP's text tower is causal, so the padding after EOT
+    never reaches the EOT feature.
     """
     from entityclip_jax.models.clip import CLIPModel
 
-    @jax.jit
+    mesh = mesh or sharding.make_mesh((("data", -1),), jax.local_devices())
+    params = jax.device_put(params, sharding.replicated(mesh))
+
     def encode_image(p, pixel_values):
         return model.apply({"params": p}, pixel_values, method=CLIPModel.encode_image).embeds
 
-    @jax.jit
     def encode_text(p, input_ids):
         return model.apply({"params": p}, input_ids, method=CLIPModel.encode_text).embeds
 
-    params = jax.device_put(params)
-    return functools.partial(encode_image, params), functools.partial(encode_text, params)
+    return data_parallel(encode_image, params, mesh), data_parallel(encode_text, params, mesh)
+
+
+def data_parallel(fn, params, mesh):
+    """inputs [b, ...] -> fn(params, inputs) [b, ...], jitted, the batch split over every mesh axis."""
+    jitted = jax.jit(fn, out_shardings=NamedSharding(mesh, P(tuple(mesh.axis_names))))
+
+    def call(inputs):
+        inputs = np.asarray(inputs)
+        size = len(inputs)
+        pad = -size % mesh.size           # every device gets the same number of rows
+        if pad:
+            inputs = np.concatenate([inputs, np.repeat(inputs[-1:], pad, axis=0)])
+        inputs = jax.device_put(inputs, NamedSharding(mesh, sharding.batch_spec(mesh, inputs.ndim)))
+        out = jitted(params, inputs)
+        return out[:size] if pad else out
+    return call
+
+
+def check_finite(embeds, what):
+    """Refuse embeddings holding NaN or inf before they reach an index or a metric."""
+    bad = ~np.isfinite(np.asarray(embeds)).all(axis=tuple(range(1, np.ndim(embeds))))
+    if bad.any():
+        raise EntityClipError(f"{int(bad.sum())} of {len(bad)} {what} hold NaN or inf (first: row "
+                              f"{int(np.flatnonzero(bad)[0])}); the checkpoint is likely damaged or diverged: "
+                              "use an earlier checkpoint")
+    return embeds
 
 
 def _gathered(parts, keep):

@@ -95,6 +95,11 @@ def query_index(index, text_embeds, k=5, *, fingerprint=None):
     queries = np.atleast_2d(np.asarray(text_embeds, np.float32))
     if queries.ndim != 2 or queries.shape[1] != index.embeds.shape[1]:
         raise EntityClipError(f"query embeddings {queries.shape} do not match the index width {index.embeds.shape[1]}")
+    if not np.isfinite(queries).all():
+        raise EntityClipError("the query embeddings hold NaN or inf; the checkpoint is likely damaged or diverged: "
+                              "use an earlier checkpoint")
+    if not np.isfinite(index.embeds).all():
+        raise EntityClipError("the index holds NaN or inf embeddings; rebuild it with `entityclip search-index`")
     queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
     scores = queries @ index.embeds.astype(np.float32).T                     # [Q, N]
     k = min(int(k), scores.shape[1])

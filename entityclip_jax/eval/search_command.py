@@ -101,9 +101,10 @@ def _encoders(model, params):
 
 def _tokenizer(tokenizer_path, checkpoint):
     from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
+    from entityclip_jax.models.loading import resolve_checkpoint
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
-    checkpoint = pathlib.Path(checkpoint)
+    checkpoint = pathlib.Path(resolve_checkpoint(checkpoint))  # a hub model's own tokenizer files
     if (checkpoint / "tokenizer.json").is_file() or (checkpoint / "vocab.json").is_file():
         return load_tokenizer(checkpoint)
     return load_tokenizer(ensure_openai_vocab())

@@ -1,4 +1,5 @@
 """`entityclip explain` and `entityclip explain-import`."""
+import itertools
 import json
 import os
 import signal
@@ -95,7 +96,6 @@ def _queries(args, report):
     else:
         pairs = ((example.id, example.query) for example in _examples(args, report))
     if args.limit is not None:
-        import itertools
         pairs = itertools.islice(pairs, args.limit)
     return pairs
 

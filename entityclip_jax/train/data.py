@@ -5,7 +5,12 @@ its own tf.data pipeline (data/pipeline.py, train mode) seeded with
 epoch_seed(seed, e) and takes steps_per_epoch batches of it. So the data
 position is just the step: resuming at step s re-creates epoch s // steps_per_epoch
 and skips the s % steps_per_epoch batches already consumed.
+
+device_batches puts the next batches on the devices while a step runs
+(data.prefetch_to_device of them, 0 for none).
 """
+import collections
+
 from entityclip_jax.data import pipeline
 from entityclip_jax.errors import EntityClipError
 
@@ -58,3 +63,14 @@ def host_batches(config, image_size, start_step, steps_in_epoch, process_index, 
             dct_scaling=config.data.dct_scaling)
         yield from pipeline.numpy_batches(ds.skip(skip).take(steps_in_epoch - skip))
         epoch, skip = epoch + 1, 0
+
+
+def device_batches(host_batches, mesh, prefetch):
+    """Global device arrays from per-host numpy batches, `prefetch` of them put on
+    the devices ahead of the one being used: their copies overlap the running step."""
+    queue = collections.deque()
+    for batch in host_batches:
+        queue.append(pipeline.to_global_arrays(batch, mesh, mesh.axis_names))
+        if len(queue) > prefetch:
+            yield queue.popleft()
+    yield from queue

@@ -5,69 +5,48 @@ step through the data; validate and checkpoint on schedule. Process 0 writes
 the logs (stdout, TensorBoard, WORKDIR/metrics.jsonl with one line per step);
 every process takes part in the steps and the (collective) checkpoint saves.
 
-Stops on its own with a clear message when the loss turns NaN/Inf (the bad
-state is never saved: the last good checkpoint stays the latest), and saves
-before exiting on SIGTERM (TPU preemption).
+The host never waits for the devices between steps: the next batches are
+already on the devices (data.prefetch_to_device) and each step's metrics stay
+there until a log, validation or checkpoint step fetches all of them at once.
+metrics.jsonl still gets every step's own values; stdout and TensorBoard show
+the log step's.
+
+Stops with a clear message when a loss turns NaN/Inf (caught at most
+log.every_steps late, and always before a save, so the last good checkpoint
+stays the latest), and saves before exiting on SIGTERM (TPU preemption; with
+several processes all stop at the same step: train/distributed.py).
 """
 import logging
 import os
-import signal
 import time
 
 import jax
 import numpy as np
 
 from entityclip_jax import storage
-from entityclip_jax.data.pipeline import to_global_arrays
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params, describe_init, init_entityclip, model_from_config
 from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import data, optimizer, run_config, sharding, tokenizer_match
+from entityclip_jax.train import data, distributed, optimizer, run_config, sharding, tokenizer_match
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
 from entityclip_jax.train.step import make_train_step
 from entityclip_jax.train.validation import Validator
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
-MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
 
-def _multi_host_environment():
-    """True when the environment describes several processes (TPU pod, SLURM, MPI, explicit)."""
-    if any(os.environ.get(name) for name in MULTI_HOST_ENV):
-        return True
-    if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        return True
-    return any(int(os.environ.get(name, "1") or 1) > 1 for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-
-
-def initialize_distributed(mode):
-    """jax.distributed.initialize when asked ("always") or when the environment says multi-host ("auto")."""
-    if mode not in ("auto", "always", "never"):
-        raise EntityClipError(f"distributed.initialize must be auto, always or never, got {mode!r}")
-    if jax.distributed.is_initialized() or mode == "never" or (mode == "auto" and not _multi_host_environment()):
-        return
-    jax.distributed.initialize()
-
-
-class _Preemption:
-    """Remembers a SIGTERM; with several processes they agree on the step to stop at."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, *_):
-        self.requested = True
-
-    def should_stop(self, step):
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+def fetch_metrics(pending):
+    """(rows, bad): [(step, {name: float})] of the steps run since the last fetch, up to the
+    first one with a NaN/Inf value, which is `bad` (else None). The only place the loop
+    waits for the devices: at log, validation and checkpoint steps, never in between."""
+    rows = []
+    for (step, _), metrics in zip(pending, jax.device_get([metrics for _, metrics in pending])):
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if not all(np.isfinite(v) for v in metrics.values()):
+            return rows, (step, metrics)
+        rows.append((step, metrics))
+    return rows, None
 
 
 class _MetricsLog:
@@ -88,9 +67,11 @@ class _MetricsLog:
         """A resumed run rewrites the steps after its checkpoint: drop the killed run's lines for them."""
         self.lines.keep(lambda record: record["step"] <= step)
 
-    def record(self, step, metrics):
+    def record(self, rows):
+        """[(step, metrics)], one line each."""
         if self.primary:
-            self.lines.append({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
+            for step, metrics in rows:
+                self.lines.append({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
 
     def write(self, step, metrics, progress=False):
         self.writer.write_scalars(int(step), metrics)
@@ -142,7 +123,7 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, all
 def train(config, workdir, allow_config_change=False):
     """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics.
     Resuming with a config that changes the run's meaning needs allow_config_change."""
-    initialize_distributed(config.distributed.initialize)
+    distributed.initialize(config.distributed, os.environ)
     workdir = storage.absolute(workdir)
     mesh = sharding.make_mesh(config.mesh)
     steps_in_epoch = data.steps_per_epoch(config, jax.process_count())  # checks the data before anything is written
@@ -158,47 +139,61 @@ def train(config, workdir, allow_config_change=False):
     if step == 0 and config.eval.at_start and eval_every:
         summary["zero_shot"] = val_metrics = validate(state.params)  # so a user sees what fine-tuning adds
         metrics_log.write(0, val_metrics)
-        metrics_log.record(0, val_metrics)
+        metrics_log.record([(0, val_metrics)])
 
-    batches = data.host_batches(config, model.clip.vision.image_size, step, steps_in_epoch,
-                                jax.process_index(), jax.process_count())
+    batches = data.device_batches(
+        data.host_batches(config, model.clip.vision.image_size, step, steps_in_epoch,
+                          jax.process_index(), jax.process_count()),
+        mesh, config.data.prefetch_to_device)
     train_step = None
-    preemption = _Preemption()
+    pending = []  # (step, metrics still on the devices)
+    preemption = distributed.Preemption()
     try:
         while step < total_steps:
-            batch = to_global_arrays(next(batches), mesh, mesh.axis_names)
+            batch = next(batches)
             if train_step is None:  # compiled once, on the first batch's shapes
                 batch_shardings = sharding.batch_shardings(mesh, batch)
                 train_step = make_train_step(model, tx, schedule, mesh, shardings, batch_shardings,
                                              seed=config.seed, accumulation_steps=config.accumulation_steps)
             state, metrics = train_step(state, batch)
             step += 1
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(np.isfinite(v) for v in metrics.values()):
+            pending.append((step, metrics))
+            log_now = step % config.log.every_steps == 0 or step == total_steps
+            validate_now = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
+            preempted = preemption.should_stop(step)
+            save_now = step % config.checkpoint.every_steps == 0 or step == total_steps or preempted
+            if not (log_now or validate_now or save_now):
+                continue  # the devices run on; the host prepares the next step
+            # Every validation and save follows a finiteness check of all steps since the last one,
+            # so a NaN state is never validated or saved.
+            rows, bad = fetch_metrics(pending)
+            pending = []
+            metrics_log.record(rows)
+            if bad is not None:
                 checkpointer.wait()
                 raise EntityClipError(
-                    f"training diverged at step {step}: {metrics}; stopped without saving this state. "
+                    f"training diverged at step {bad[0]}: {bad[1]}; stopped without saving this state. "
                     f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
                     "Lower optimizer.learning_rate, set optimizer.grad_clip_norm, or use model.dtype=float32")
-            metrics_log.record(step, metrics)
-            summary.update(step=step, train=metrics)
-            if step % config.log.every_steps == 0 or step == total_steps:
-                metrics_log.write(step, metrics, progress=True)
+            summary.update(step=step, train=rows[-1][1])
+            if log_now:
+                metrics_log.write(step, rows[-1][1], progress=True)
 
             val_metrics = None
-            if eval_every and (step % eval_every == 0 or step == total_steps):
+            if validate_now:
                 summary["val"] = val_metrics = validate(state.params)
                 metrics_log.write(step, val_metrics, progress=False)
-                metrics_log.record(step, val_metrics)
+                metrics_log.record([(step, val_metrics)])
                 if metrics_log.primary:
                     print(f"step {step} validation: " + " ".join(f"{k[4:]} {v:.4f}" for k, v in val_metrics.items()),
                           flush=True)
-            preempted = preemption.should_stop(step)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
+            if save_now:
                 metrics_log.lines.flush()  # on gs:// the lines up to a checkpoint are stored with it
                 checkpointer.save(step, state, data.position(step, steps_in_epoch, config), val_metrics)
             if preempted:
-                log.warning("SIGTERM: saved step %d, exiting", step)
+                checkpointer.wait()
+                print(f"process {jax.process_index()}: SIGTERM (preemption): stopped at step {step} and saved it "
+                      f"in {checkpointer.directory}; rerun the same command to resume", flush=True)
                 summary["preempted"] = True
                 break
         checkpointer.wait()

@@ -1,0 +1,174 @@
+"""Training as two JAX processes on this machine, as on a two-host pod: each
+process is `entityclip train` with 4 simulated CPU devices, joined through
+jax.distributed on a loopback coordinator (gloo collectives between processes).
+
+The reference is a 1-process, 8-device run in this pytest process fed the same
+global batches: the concatenation of both processes' shares of the shards, in
+process order. Equal parameters after training therefore say that each process
+read only its own share, that the loss saw the whole global batch, and that the
+checkpoint written by both processes was restored by both.
+"""
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from entityclip_jax.config import load_config
+from entityclip_jax.train import checkpoint as ckpt
+from entityclip_jax.train import data, loop
+from tests._tiny_training import write_tiny_records
+
+ROOT = pathlib.Path(__file__).parents[1]
+CONFIG = str(ROOT / "configs" / "tiny_cpu.py")
+PROCESSES = 2
+STEPS = 24  # room for the SIGTERM to land mid-run on a busy machine
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    # 2 train shards of 64: one per process
+    return write_tiny_records(tmp_path_factory.mktemp("synthetic"), num_train=128, num_val=16)
+
+
+def settings(records, **extra):
+    data_dir, vocab_size, eos_id = records
+    # Plain CLIP fine-tuning: the global-batch contrastive loss at half the compile time of EntityCLIP.
+    # Adam with eps=1 moves parameters in proportion to their gradients: with the default eps a
+    # near-zero gradient becomes a learning-rate-sized step whose sign is float round-off (the
+    # cross-process reduction sums in another order), which no tolerance could compare.
+    values = {"data.dir": data_dir, "model.vocab_size": vocab_size, "model.eos_token_id": eos_id,
+              "model.mode": "clip_finetune", "optimizer.eps": 1.0, "optimizer.learning_rate": 0.01,
+              "num_train_steps": STEPS, "checkpoint.every_steps": 4, "checkpoint.async_save": False,
+              "eval.every_steps": 0, "log.every_steps": 3, **extra}
+    return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """Shared by every process these tests start: a rerun does not compile the same step again."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def start(workdir, overrides, port, cache, heartbeat=100):
+    """The same `entityclip train` command on every process, as on a pod."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    processes = []
+    for index in range(PROCESSES):
+        command = [sys.executable, "-m", "entityclip_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir),
+                   *overrides, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                   f"--config.distributed.num_processes={PROCESSES}", f"--config.distributed.process_id={index}",
+                   f"--config.distributed.heartbeat_timeout_seconds={heartbeat}"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    return processes
+
+
+def finish(processes, timeout=600):
+    outputs = []
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            raise
+        outputs.append((process.returncode, stdout, stderr))
+    return outputs
+
+
+def wait_for(path, processes, timeout=600):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and all(p.poll() is None for p in processes), finish(processes, 1)
+        time.sleep(0.05)
+
+
+def metrics(workdir):
+    with open(workdir / loop.METRICS_FILE) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(records, tmp_path_factory):
+    """1 process, 8 devices, each global batch = process 0's share then process 1's."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    real = data.host_batches
+
+    def both_shares(config, image_size, start_step, steps_in_epoch, process_index, process_count):
+        assert (process_index, process_count) == (0, 1)
+        shares = [real(config, image_size, start_step, steps_in_epoch, i, PROCESSES) for i in range(PROCESSES)]
+        while True:
+            parts = [next(share) for share in shares]
+            yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "host_batches", both_shares)
+        loop.train(load_config(CONFIG, settings(records)), str(workdir))
+    return workdir
+
+
+def test_two_processes_stop_together_on_sigterm_resume_and_match_one_process(records, reference, tmp_path,
+                                                                            compilation_cache):
+    began = time.time()
+    workdir = tmp_path / "run"
+    overrides = settings(records)
+    processes = start(workdir, overrides, free_port(), compilation_cache)
+    wait_for(workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA", processes)
+    for process in processes:  # a preemption notice reaches every host
+        process.send_signal(signal.SIGTERM)
+    stopped = []
+    for code, stdout, stderr in finish(processes):
+        assert code == 0, stderr[-3000:]
+        stopped += [int(s) for s in re.findall(r"SIGTERM \(preemption\): stopped at step (\d+)", stdout)]
+    assert len(stopped) == PROCESSES and len(set(stopped)) == 1, stopped
+    step = stopped[0]
+    assert 4 < step < STEPS, step  # stopped mid-run, after the first periodic checkpoint
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, step]
+    assert [r["step"] for r in metrics(workdir)] == list(range(1, step + 1))  # process 0 writes, once
+
+    resumed = finish(start(workdir, overrides, free_port(), compilation_cache))
+    for code, _, stderr in resumed:
+        assert code == 0, stderr[-3000:]
+    progress = [int(s) for s in re.findall(rf"^step (\d+)/{STEPS} ", resumed[0][1], re.MULTILINE)]
+    assert progress == [s for s in range(step + 1, STEPS + 1) if s % 3 == 0]  # went on from the checkpoint
+    rows, expected = metrics(workdir), metrics(reference)
+    assert [r["step"] for r in rows] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    for row, want in zip(rows, expected):  # the global-batch loss, step by step
+        assert row["loss"] == pytest.approx(want["loss"], abs=1e-5), row["step"]
+    _, params = ckpt.restore_params(str(workdir / "checkpoints" / str(STEPS)))
+    _, want = ckpt.restore_params(str(reference / "checkpoints" / str(STEPS)))
+    for name, value in _flat(params).items():
+        np.testing.assert_allclose(value, _flat(want)[name], rtol=0, atol=1e-5, err_msg=name)
+    print(f"two processes, SIGTERM and resume: {time.time() - began:.1f} s")
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_a_killed_process_ends_the_others_with_an_error(records, tmp_path, compilation_cache):
+    began = time.time()
+    workdir = tmp_path / "run"
+    processes = start(workdir, settings(records), free_port(), compilation_cache, heartbeat=3)
+    wait_for(workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA", processes)
+    processes[1].kill()
+    killed = time.time()
+    code, _, stderr = finish(processes[:1], timeout=60)[0]
+    assert code != 0 and "JAX distributed service detected fatal errors" in stderr, stderr[-3000:]
+    processes[1].wait()
+    print(f"kill -9: the other process ended {time.time() - killed:.1f} s later; test {time.time() - began:.1f} s")
