@@ -49,12 +49,12 @@ def absolute(p):
 
 
 def join(root, *parts):
-    """root/part/...: a string, gs:// kept intact (os.path.join would be wrong only on Windows, but
-    pathlib.Path would turn gs://b into gs:/b)."""
+    """root/part/... as a string, gs:// kept intact (pathlib.Path would turn gs://b into gs:/b)."""
     return str(path(root).joinpath(*map(str, parts)))
 
 
 def size(p):
+    """Bytes in the file p."""
     return path(p).stat().length
 
 
