@@ -13,6 +13,7 @@ import re
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import random_preset
 
@@ -252,12 +253,11 @@ def _check_context_length(config):
     """Records tokenised longer than the text tower has positions would fail only at the first step."""
     from entityclip_jax.data.records import META_FILE
     data_dir = config.data.dir
-    if not data_dir or not os.path.isfile(os.path.join(data_dir, META_FILE)):
+    if not data_dir or not storage.path(data_dir).joinpath(META_FILE).is_file():
         return  # the data checks report it
     positions = _text_positions(config.model.init)
     try:
-        with open(os.path.join(data_dir, META_FILE)) as f:
-            length = int(json.load(f)["context_length"])
+        length = int(json.loads(storage.path(data_dir).joinpath(META_FILE).read_text())["context_length"])
     except (ValueError, KeyError, TypeError, OSError):
         return  # read_meta reports a damaged meta file with its fix
     if positions is not None and length > positions:
@@ -275,8 +275,7 @@ def _text_positions(init):
     for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
                        ("config.json", ("text_config", "max_position_embeddings"))):
         try:
-            with open(os.path.join(str(init), name)) as f:
-                value = json.load(f)
+            value = json.loads(storage.path(str(init)).joinpath(name).read_text())
         except (OSError, ValueError):
             continue
         for key in path:

@@ -26,6 +26,7 @@ Settings (environment variables, defaults in brackets):
   CONFIG            training config [configs/n24news.py]
   RUN_NAME          run directory under the bucket [entityclip]
   WORKDIR           checkpoint directory [$BUCKET/$RUN_NAME]
+  DATA              TFRecords directory (write-records --out) [$BUCKET/records]
   TRAIN_ARGS        extra arguments for entityclip train, e.g. --config.data.dir=gs://...
   JAX_VERSION       jax[tpu] version installed on the workers [0.10.2]
   MAX_RESTARTS      re-creations after preemption before giving up [20]
@@ -54,6 +55,8 @@ DELETE_WHEN_DONE="${DELETE_WHEN_DONE:-0}"
 [[ "$BUCKET" == gs://* ]] || die "BUCKET must be a gs:// bucket (got '${BUCKET}'); every worker writes checkpoints there and a re-created VM resumes from it"
 WORKDIR="${WORKDIR:-${BUCKET%/}/${RUN_NAME}}"
 [[ "$WORKDIR" == gs://* ]] || die "WORKDIR must be on GCS (got '$WORKDIR'): a VM's local disk is lost when it is preempted"
+DATA="${DATA:-${BUCKET%/}/records}"
+[[ "$DATA" == gs://* ]] || die "DATA must be on GCS (got '$DATA'): every worker reads its share of the shards from it"
 
 # The TPU software image depends on the chip generation.
 default_runtime() {
@@ -146,7 +149,7 @@ train_on_all_workers() {
     "set -o pipefail" \
     ". ~/entityclip-venv/bin/activate" \
     "cd ~/entityclip-jax" \
-    "entityclip train --config $CONFIG --workdir $WORKDIR${TRAIN_ARGS:+ $TRAIN_ARGS} 2>&1 | tee -a ~/train.log")"
+    "entityclip train --config $CONFIG --workdir $WORKDIR --config.data.dir=$DATA${TRAIN_ARGS:+ $TRAIN_ARGS} 2>&1 | tee -a ~/train.log")"
 }
 
 restarts=0

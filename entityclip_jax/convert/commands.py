@@ -1,6 +1,9 @@
 """CLI: `entityclip import-hf`, `export-hf`, `import-openai`."""
 import os
+import tempfile
 import time
+
+from entityclip_jax import storage
 
 
 def _progress(message):
@@ -40,8 +43,16 @@ def run_export_hf(args):
 def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
-    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint
-    check_export_destination(os.path.abspath(out), overwrite, (checkpoint, tokenizer_from))  # before a long read
+    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint, upload_export
+    out = storage.absolute(out)
+    check_export_destination(out, overwrite, (checkpoint, tokenizer_from))  # before a long read
+    if storage.is_remote(out):  # built and verified on the local disk, then uploaded, its marker last
+        with tempfile.TemporaryDirectory() as local:
+            diff = export(checkpoint, os.path.join(local, "export"), tokenizer_from, verify=verify)
+            _progress(f"uploading to {out}")
+            upload_export(os.path.join(local, "export"), out)
+        _progress(f"done: {out}")
+        return diff
     _progress(f"reading {checkpoint}")
     config, params, heads = _towers_and_heads(checkpoint)
     _progress(f"writing {_count(params):,} parameters to {out}")
@@ -67,7 +78,7 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
 
 def _towers_and_heads(checkpoint):
     """(config, tower params, heads or None); a training run is read once, heads included."""
-    if os.path.isdir(os.path.join(checkpoint, "checkpoints")) or os.path.isdir(os.path.join(checkpoint, "state")):
+    if storage.path(checkpoint).joinpath("checkpoints").is_dir() or storage.path(checkpoint).joinpath("state").is_dir():
         from entityclip_jax.train.checkpoint import restore_params
         config, params = restore_params(checkpoint)
         return config, params["clip"], params.get("heads")

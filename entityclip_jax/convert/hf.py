@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.convert.layout import flax_to_state_dict, state_dict_to_flax
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip_config import CLIPConfig
@@ -134,8 +135,8 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
         save_file(flax_to_state_dict(params), os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "pt"})
         for name in SIDE_FILES if source_dir else ():
-            if os.path.exists(os.path.join(source_dir, name)):
-                shutil.copyfile(os.path.join(source_dir, name), os.path.join(tmp, name))
+            if storage.path(source_dir).joinpath(name).is_file():
+                storage.copy(storage.join(source_dir, name), os.path.join(tmp, name))
         if extra is not None:
             extra(tmp)
         with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
@@ -156,6 +157,8 @@ def check_export_destination(out_dir, overwrite=False, protect=()):
     """Refuses an existing out_dir unless overwrite and it is an earlier export: a directory
     with our marker holding only the files the marker lists, and no path of `protect`
     (the source) is it, holds it or lies inside it. Cheap: export-hf calls it before reading."""
+    if storage.is_remote(out_dir):
+        return _check_remote_export_destination(out_dir, overwrite, protect)
     if not os.path.lexists(out_dir):
         return
     if not overwrite:
@@ -182,3 +185,41 @@ def check_export_destination(out_dir, overwrite=False, protect=()):
     if foreign:
         raise EntityClipError(f"--overwrite refused: {out_dir} holds files export-hf did not write, e.g. "
                               f"{', '.join(foreign[:3])}; move them away or choose a new destination")
+
+
+def _check_remote_export_destination(out_dir, overwrite, protect):
+    """check_export_destination on object storage: the same rules, with prefixes for directories."""
+    where = storage.path(out_dir)
+    if not where.exists():
+        return
+    if not overwrite:
+        raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
+    for path in (p for p in protect if p):
+        other = storage.absolute(path)
+        if other == out_dir or other.startswith(out_dir + "/") or out_dir.startswith(other + "/"):
+            raise EntityClipError(f"--overwrite refused: {out_dir} is, holds or lies inside {path}, which is "
+                                  "being exported; choose a destination outside it")
+    marker = where / EXPORT_MARKER
+    if not marker.is_file():
+        raise EntityClipError(f"--overwrite refused: {out_dir} is not an earlier `entityclip export-hf` "
+                              f"directory (no {EXPORT_MARKER}); choose a new destination or remove it yourself")
+    try:
+        ours = set(json.loads(marker.read_text())["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise EntityClipError(f"--overwrite refused: {marker} is unreadable ({err}); remove {out_dir} yourself")
+    foreign = sorted(p.name for p in where.iterdir() if p.name not in ours or p.is_dir())
+    if foreign:
+        raise EntityClipError(f"--overwrite refused: {out_dir} holds files export-hf did not write, e.g. "
+                              f"{', '.join(foreign[:3])}; move them away or choose a new destination")
+
+
+def upload_export(local_dir, out_dir):
+    """Copies a finished local export to object storage, replacing an earlier export there (already
+    checked to be ours); its marker goes last, so a directory without it was never completed."""
+    target = storage.path(out_dir)
+    target.rmtree(missing_ok=True)
+    names = sorted(os.listdir(local_dir))
+    for name in [n for n in names if n != EXPORT_MARKER] + [EXPORT_MARKER]:
+        storage.copy(os.path.join(local_dir, name), target / name)
+    return out_dir
+

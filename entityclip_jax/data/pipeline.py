@@ -19,8 +19,8 @@ query_ids / explanation_ids [b, L] int32, id / label / headline [b] bytes
 """
 import logging
 import math
-import pathlib
 
+from entityclip_jax import storage
 from entityclip_jax.data import preprocess, records
 from entityclip_jax.errors import EntityClipError
 
@@ -42,8 +42,8 @@ def _checked_shards(data_dir, split, split_meta, skip_corrupt_shards):
     """[(path, num_examples)] of the split; a missing or truncated shard is an error (or skipped)."""
     shards = []
     for shard in split_meta["shards"]:
-        path = pathlib.Path(data_dir) / shard["file"]
-        size = path.stat().st_size if path.is_file() else None
+        path = storage.path(data_dir) / shard["file"]
+        size = storage.size(path) if path.is_file() else None
         problem = (f"shard {path} is missing" if size is None else
                    f"shard {path} is truncated or altered ({size} bytes, {shard['num_bytes']} written)"
                    if size != shard["num_bytes"] else None)
@@ -66,7 +66,7 @@ def verify_shards(data_dir, split):
     import tensorflow as tf
     problems = []
     for shard in _split_meta(records.read_meta(data_dir), data_dir, split)["shards"]:
-        path = pathlib.Path(data_dir) / shard["file"]
+        path = storage.path(data_dir) / shard["file"]
         try:
             count = sum(1 for _ in tf.data.TFRecordDataset(str(path)))
             if count != shard["num_examples"]:

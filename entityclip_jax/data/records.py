@@ -33,10 +33,9 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import pathlib
-import shutil
 import threading
 
+from entityclip_jax import storage
 from entityclip_jax.data.preprocess import exif_upright
 from entityclip_jax.errors import EntityClipError
 
@@ -108,7 +107,7 @@ def _load_and_check(example, max_side, jpeg_quality):
         if not example.image_path:
             return None, "missing_image: the record names no image"
         try:
-            data = pathlib.Path(example.image_path).read_bytes()
+            data = storage.path(example.image_path).read_bytes()  # a raw data root may be on gs:// too
         except OSError as err:
             return None, f"missing_image: {example.image_path}: {err.strerror or err}"
     return check_image(data, max_side, jpeg_quality)
@@ -215,7 +214,7 @@ def checked_examples(examples, report, *, max_side=None, jpeg_quality=90, worker
 
 def read_meta(data_dir):
     """The entityclip_meta.json of a written dataset; refuses unfinished or foreign ones."""
-    path = pathlib.Path(data_dir) / META_FILE
+    path = storage.path(data_dir) / META_FILE
     if not path.is_file():
         raise EntityClipError(f"{path} not found: {data_dir} is not a finished entityclip records directory; "
                               "write it with `entityclip write-records --out DIR` (an interrupted write "
@@ -230,12 +229,6 @@ def read_meta(data_dir):
     return meta
 
 
-def _write_json_atomic(path, value):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_tfds_metadata(out_dir, meta):
     """dataset_info.json + features.json for every non-empty split, so tfds can read the directory."""
     import tensorflow_datasets as tfds
@@ -244,7 +237,7 @@ def _write_tfds_metadata(out_dir, meta):
                    for name, info in sorted(meta["splits"].items()) if info["shards"]]
     if not split_infos:  # nothing readable: leave no TFDS metadata pointing at deleted shards
         for name in ("dataset_info.json", "features.json"):
-            (pathlib.Path(out_dir) / name).unlink(missing_ok=True)
+            (storage.path(out_dir) / name).unlink(missing_ok=True)
         return
     tfds.folder_dataset.write_metadata(
         data_dir=str(out_dir), features=features(meta["context_length"]), split_infos=split_infos,
@@ -278,7 +271,7 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
         raise EntityClipError(f"max_side must be >= 1 pixel, got {max_side}")
     if not 1 <= jpeg_quality <= 100:
         raise EntityClipError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"schema_version": SCHEMA_VERSION, "context_length": context_length,
             "tokenizer_fingerprint": tokenizer.fingerprint, "tokenizer_style": tokenizer.style,
@@ -293,8 +286,8 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
 
     feature_dict = features(context_length)
     tmp_dir = out_dir / f".tmp-{split}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    tmp_dir.rmtree(missing_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)  # a no-op on gs://, where directories are name prefixes
     shards, writer = [], None
     good = checked_examples(examples, report, max_side=max_side, jpeg_quality=jpeg_quality, workers=workers)
 
@@ -330,7 +323,7 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
         good.close()  # stops the worker pool
         if writer is not None:
             writer.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # partial shards are useless: a rerun starts over
+        tmp_dir.rmtree(missing_ok=True)  # partial shards are useless: a rerun starts over
         raise
     finally:
         bar.close()
@@ -340,10 +333,10 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
         old_shard.unlink()
     for index, shard in enumerate(shards):
         final = out_dir / shard_name(split, index, len(shards))
-        os.replace(tmp_dir / shard["file"], final)
+        storage.replace(tmp_dir / shard["file"], final)  # a rename locally, copy + delete on gs://
         shard["file"] = final.name
-        shard["num_bytes"] = final.stat().st_size
-    tmp_dir.rmdir()
+        shard["num_bytes"] = storage.size(final)
+    tmp_dir.rmtree(missing_ok=True)
     entry = {"num_examples": sum(s["num_examples"] for s in shards),
              "num_bytes": sum(s["num_bytes"] for s in shards), "shards": shards,
              "source": source, "max_side": max_side, "jpeg_quality": jpeg_quality,
@@ -351,5 +344,5 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
              "skipped": report.to_dict()}
     meta["splits"][split] = entry
     _write_tfds_metadata(out_dir, meta)
-    _write_json_atomic(out_dir / META_FILE, meta)
+    storage.write_json_atomic(out_dir / META_FILE, meta, indent=1)  # last: the completion marker
     return entry

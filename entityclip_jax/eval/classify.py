@@ -6,10 +6,10 @@ with its image and with its headline; the two cosine similarities are averaged
 and the best class wins.
 """
 import json
-import pathlib
 
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 DEFAULT_TEMPLATE = "a news photo about {section}"
@@ -98,14 +98,15 @@ def plot_confusion_matrix(matrix, class_names, path, *, title=None):
     correct = np.trace(matrix)
     ax.set_title(title or f"zero-shot accuracy {100.0 * correct / max(total, 1):.1f}% ({correct}/{total})")
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.path(path).open("wb") as f:  # a file object: matplotlib would open a gs:// name locally
+        fig.savefig(f, format="png")
     plt.close(fig)
     return path
 
 
 def write_classification_report(targets, predictions, class_names, out_dir, *, name="classification", template=None):
     """Writes {name}.json (accuracy, per-class accuracy, confusion matrix) and {name}.png."""
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     matrix = confusion_matrix(targets, predictions, len(class_names))
     summary = {

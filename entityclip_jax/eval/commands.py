@@ -117,7 +117,7 @@ def configure_classify(parser):
 def run_classify(args):
     paths = zero_shot_classification(args.checkpoint, args.data, args.split, args.out, args.tokenizer,
                                      template=args.template, batch_size=args.batch_size)
-    summary = json.loads(open(paths["json"]).read())
+    summary = json.loads(paths["json"].read_text())
     print(f"zero-shot accuracy {summary['accuracy']:.1f}% over {summary['num_examples']} articles; "
           f"wrote {paths['json']} and {paths['png']}")
 

@@ -4,14 +4,15 @@
 "mean_rank": ..}, "t2i": {...}, "rsum": .., "num_images": .., "num_texts": ..}.
 """
 import json
-import pathlib
+
+from entityclip_jax import storage
 
 DIRECTIONS = {"i2t": "image -> text", "t2i": "text -> image"}
 
 
 def write_retrieval_report(metrics, out_dir, *, name="retrieval", title=None):
     """Writes {name}.json, {name}.md and {name}.png under out_dir; returns their paths."""
-    out_dir = pathlib.Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "markdown": out_dir / f"{name}.md", "png": out_dir / f"{name}.png"}
     paths["json"].write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -64,6 +65,7 @@ def plot_recall_at_k(metrics, path, *, title=None):
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.path(path).open("wb") as f:  # a file object: matplotlib would open a gs:// name locally
+        fig.savefig(f, format="png")
     plt.close(fig)
-    return pathlib.Path(path)
+    return storage.path(path)

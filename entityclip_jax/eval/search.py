@@ -11,12 +11,14 @@ that differs from the index's.
 """
 import dataclasses
 import hashlib
+import io
 import json
 import pathlib
 import textwrap
 
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")   # what tf.io.decode_image reads
@@ -57,22 +59,24 @@ def build_index(out_path, embeds, paths, *, ids=None, fingerprint="", source=Non
     norms = np.linalg.norm(embeds, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms) & (norms > 0)):
         raise EntityClipError("some image embeddings are zero, NaN or inf; check the model and the images")
-    out_path = pathlib.Path(out_path)
+    out_path = storage.path(out_path)
     if out_path.suffix != ".npz":
         raise EntityClipError(f"the index file name must end in .npz, got {out_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_path, embeds=(embeds / norms).astype(dtype), paths=paths, ids=ids,
+    buffer = io.BytesIO()
+    np.savez(buffer, embeds=(embeds / norms).astype(dtype), paths=paths, ids=ids,
              fingerprint=np.array(fingerprint), source=np.array(json.dumps(source or {})))
+    out_path.write_bytes(buffer.getvalue())  # one whole write: atomic on gs://, and np.savez cannot open gs://
     return out_path
 
 
 def load_index(path):
     """SearchIndex from a file build_index wrote."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise EntityClipError(f"index {path} does not exist; build it with `entityclip search-index`")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
             return SearchIndex(embeds=data["embeds"], paths=data["paths"], ids=data["ids"],
                                fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])))
     except (KeyError, ValueError, OSError) as err:

@@ -6,6 +6,7 @@
 """
 import pathlib
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 
@@ -41,7 +42,7 @@ def run_search_index(args):
         dataset = make_dataset(args.records, args.split, batch_size=args.batch_size, image_size=image_size,
                                train=False, process_index=0, process_count=1)
         batches = numpy_batches(dataset)
-        source = {"kind": "records", "directory": str(pathlib.Path(args.records).resolve()), "split": args.split,
+        source = {"kind": "records", "directory": storage.absolute(args.records), "split": args.split,
                   "image_size": image_size}
         total = split_size(args.records, args.split)
     embeds, _, ids, _ = encode_dataset(batches, encode_image)

@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 OK = "ok"
@@ -39,9 +40,9 @@ def make_record(id, query, explanation, *, backend, model, prompt_version,
 
 def iter_records(path):
     """Yields the parsed records in file order; skips a torn or corrupt line."""
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:  # a local file or gs:// (read-only there)
         for line in f:
             record = _record(line)
             if record is not None:
@@ -63,7 +64,7 @@ def read_explanations(path, *, model=None, prompt_version=None):
     Later records win. Pass model / prompt_version to keep only explanations
     made by that model or prompt (default: all of them).
     """
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         raise EntityClipError(f"explanation cache {path} does not exist; "
                               "create it with `entityclip explain` or `entityclip explain-import`")
     by_id, by_query = {}, {}
@@ -117,6 +118,10 @@ class CacheWriter:
     """Appends records, flushing each one, and fsyncs every `sync_every` records (and on close)."""
 
     def __init__(self, path, sync_every=32):
+        if storage.is_remote(path):  # resumability rests on append + fsync, which object storage lacks
+            raise EntityClipError(f"the explanation cache {path} must be a local file (it is appended and synced "
+                                  "record by record); write it locally, then copy it to the bucket "
+                                  "(gcloud storage cp) and pass that gs:// path to write-records")
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         self.torn_bytes = repair_torn_tail(path)

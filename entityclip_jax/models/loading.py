@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 TOWERS_CONFIG = "clip_config.json"
@@ -28,7 +29,7 @@ def resolve_checkpoint(spec):
     are huggingface_hub's own; only the files a CLIPModel needs are fetched.
     """
     match = HUB_ID.fullmatch(str(spec))
-    if os.path.exists(spec) or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
+    if storage.is_remote(spec) or os.path.exists(spec) or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
         return spec
     import huggingface_hub  # lazy: ~1 s to import, needed only for hub ids
     from huggingface_hub import constants, errors
@@ -62,15 +63,14 @@ def resolve_checkpoint(spec):
 def save_towers(params, config, out_dir):
     """Write Flax tower params (Orbax) with their architecture beside them."""
     import orbax.checkpoint as ocp
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(os.path.join(out_dir, "params")):
+    out_dir = storage.absolute(out_dir)
+    if storage.path(out_dir).joinpath("params").exists():
         raise EntityClipError(f"{out_dir} already holds params; choose a new directory")
-    os.makedirs(out_dir, exist_ok=True)
+    storage.path(out_dir).mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(out_dir, "params"), params)
+    checkpointer.save(storage.join(out_dir, "params"), params)
     checkpointer.wait_until_finished()
-    with open(os.path.join(out_dir, TOWERS_CONFIG), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+    storage.write_json_atomic(storage.join(out_dir, TOWERS_CONFIG), config.to_dict())
     return out_dir
 
 
@@ -78,18 +78,20 @@ def load_towers(path):
     """(CLIPConfig, params as host arrays) from any supported checkpoint kind or hub id."""
     from entityclip_jax.models.clip_config import CLIPConfig
     path = resolve_checkpoint(path)
-    if os.path.isfile(os.path.join(path, TOWERS_CONFIG)):
+    where = storage.path(path)
+    if (where / TOWERS_CONFIG).is_file():
         import orbax.checkpoint as ocp
-        with open(os.path.join(path, TOWERS_CONFIG)) as f:
-            config = CLIPConfig.from_dict(json.load(f))
-        return config, ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"))
-    if os.path.isfile(os.path.join(path, "config.json")):
+        config = CLIPConfig.from_dict(json.loads((where / TOWERS_CONFIG).read_text()))
+        return config, ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
+    if (where / "config.json").is_file():
         from entityclip_jax.convert.hf import load_hf_checkpoint
-        return load_hf_checkpoint(path)
-    if os.path.isfile(path):
+        with storage.local_copy(path) as local:  # safetensors and torch read local files only
+            return load_hf_checkpoint(local)
+    if where.is_file():
         from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
-        return openai_to_flax(read_openai_checkpoint(path), source=path, allow_extra=True)
-    if os.path.isdir(path):
+        with storage.local_copy(path) as local:
+            return openai_to_flax(read_openai_checkpoint(local), source=path, allow_extra=True)
+    if where.is_dir():
         from entityclip_jax.train import checkpoint
         return checkpoint.restore_towers(path)
     raise EntityClipError(f"{path} does not exist; pass a towers directory, a training workdir, "

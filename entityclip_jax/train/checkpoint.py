@@ -25,8 +25,7 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import shutil
+import secrets
 import tempfile
 import time
 
@@ -36,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train.run_config import TRAIN_CONFIG, write_config
 from entityclip_jax.train.sharding import path_name
@@ -122,9 +122,14 @@ def _all_processes_agree(ok):
 
 def check_writable(workdir):
     """One-line error before any step when WORKDIR or its checkpoints/ cannot be written."""
-    for directory in (workdir, os.path.join(workdir, CHECKPOINTS)):
+    for directory in (workdir, storage.join(workdir, CHECKPOINTS)):
         try:
-            os.makedirs(directory, exist_ok=True)
+            if storage.is_remote(directory):  # no directories there: write and delete one probe object
+                probe = storage.path(directory) / f".write-probe-{secrets.token_hex(6)}"
+                probe.write_text("")
+                probe.unlink()
+                continue
+            storage.path(directory).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=directory):
                 pass
         except OSError as err:
@@ -136,19 +141,16 @@ def write_run_files(workdir, clip_config, config):
     """The towers' architecture and the training config, written by process 0."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CLIP_CONFIG), "w") as f:
-        json.dump(clip_config.to_dict(), f, indent=2)
+    storage.write_json_atomic(storage.join(workdir, CLIP_CONFIG), clip_config.to_dict())
     write_config(workdir, config, step=0)
 
 
 def read_clip_config(workdir):
     from entityclip_jax.models.clip_config import CLIPConfig
-    path = os.path.join(workdir, CLIP_CONFIG)
-    if not os.path.isfile(path):
+    path = storage.path(workdir) / CLIP_CONFIG
+    if not path.is_file():
         raise EntityClipError(f"{workdir} has no {CLIP_CONFIG}; it is not an `entityclip train` workdir")
-    with open(path) as f:
-        return CLIPConfig.from_dict(json.load(f))
+    return CLIPConfig.from_dict(json.loads(path.read_text()))
 
 
 def _shapes(tree):
@@ -200,9 +202,9 @@ class Checkpointer:
             best_fn=get_metric if best_metric else None, best_mode=cfg.best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.best_metric = best_metric
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         check_writable(self.workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINTS)
+        self.directory = storage.join(self.workdir, CHECKPOINTS)
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
     def latest_step(self):
@@ -280,10 +282,9 @@ class Checkpointer:
 
     def _move_aside(self, step):
         """checkpoints/<step> -> damaged_checkpoints/<step>-<time>, by process 0; every process reloads."""
-        target = os.path.join(self.workdir, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+        target = storage.join(self.workdir, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:  # on gs:// a copy then a delete: Orbax sees the step gone only at the end
+            storage.move_tree(storage.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils  # multi-process only
             multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
@@ -311,19 +312,18 @@ def _quiet_absl():
 def _step_dirs(path):
     """(workdir, step directories to try in order) for a workdir (its best step by its config's
     metric, else the latest; then the others, newest first) or one step directory (only it)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(os.path.dirname(path)), [path]
-    if not os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    path = storage.absolute(path)
+    if storage.path(path).joinpath("state").is_dir():
+        return str(storage.path(path).parent.parent), [path]
+    if not storage.path(path).joinpath(CHECKPOINTS).is_dir():
         raise EntityClipError(f"{path} is neither a training workdir (with {CHECKPOINTS}/) nor a checkpoint step "
                               "directory (with state/)")
-    with open(os.path.join(path, TRAIN_CONFIG)) as f:
-        cfg = json.load(f)["checkpoint"]
+    cfg = json.loads(storage.path(path).joinpath(TRAIN_CONFIG).read_text())["checkpoint"]
     metric = cfg.get("best_metric")
     with _quiet_absl():  # a read-only manager warns about every option it ignores
         options = ocp.CheckpointManagerOptions(read_only=True, best_mode=cfg.get("best_mode", "min"),
                                                best_fn=(lambda metrics: metrics[metric]) if metric else None)
-        manager = ocp.CheckpointManager(os.path.join(path, CHECKPOINTS), item_handlers=_handlers(),
+        manager = ocp.CheckpointManager(storage.join(path, CHECKPOINTS), item_handlers=_handlers(),
                                         options=options)
         best = manager.best_step()
         steps = sorted(manager.all_steps(), reverse=True)
@@ -332,12 +332,12 @@ def _step_dirs(path):
         raise EntityClipError(f"{path} holds no finished checkpoint yet")
     if best is not None:  # None: no checkpoint carries the metric
         steps = [best] + [step for step in steps if step != best]
-    return path, [os.path.join(path, CHECKPOINTS, str(step)) for step in steps]
+    return path, [storage.join(path, CHECKPOINTS, str(step)) for step in steps]
 
 
 def _restore_subtree(step_dir, subtree):
     """`subtree` of the TrainState saved in step_dir as host numpy arrays; DamagedCheckpoint if unreadable."""
-    state_dir = os.path.join(step_dir, "state")
+    state_dir = storage.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         with _quiet_absl():  # the step's own metadata file is the manager's, not this checkpointer's

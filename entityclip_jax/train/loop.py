@@ -16,7 +16,6 @@ log.every_steps late, and always before a save, so the last good checkpoint
 stays the latest), and saves before exiting on SIGTERM (TPU preemption; with
 several processes all stop at the same step: train/distributed.py).
 """
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params, describe_init, init_entityclip, model_from_config
 from entityclip_jax.train import checkpoint as ckpt
@@ -57,26 +57,21 @@ class _MetricsLog:
         self.primary = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
         self.total_steps, self.global_batch = total_steps, global_batch
-        self.path = os.path.join(workdir, METRICS_FILE)
+        self.path = storage.join(workdir, METRICS_FILE)
+        self.lines = storage.JsonLines(self.path)  # gs:// cannot append: rewritten whole, see storage
         if self.primary:
             self._truncate_after(resumed_step)
         self.mark = (time.time(), resumed_step)
 
     def _truncate_after(self, step):
         """A resumed run rewrites the steps after its checkpoint: drop the killed run's lines for them."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        self.lines.keep(lambda record: record["step"] <= step)
 
     def record(self, rows):
         """[(step, metrics)], one line each."""
-        if self.primary and rows:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
-                             for step, metrics in rows)
+        if self.primary:
+            for step, metrics in rows:
+                self.lines.append({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
 
     def write(self, step, metrics, progress=False):
         self.writer.write_scalars(int(step), metrics)
@@ -93,6 +88,8 @@ class _MetricsLog:
     def close(self):
         self.writer.flush()
         self.writer.close()
+        if self.primary:
+            self.lines.close()
 
 
 def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, allow_config_change=False):
@@ -127,7 +124,7 @@ def train(config, workdir, allow_config_change=False):
     """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics.
     Resuming with a config that changes the run's meaning needs allow_config_change."""
     distributed.initialize(config.distributed, os.environ)
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     mesh = sharding.make_mesh(config.mesh)
     steps_in_epoch = data.steps_per_epoch(config, jax.process_count())  # checks the data before anything is written
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
@@ -191,6 +188,7 @@ def train(config, workdir, allow_config_change=False):
                     print(f"step {step} validation: " + " ".join(f"{k[4:]} {v:.4f}" for k, v in val_metrics.items()),
                           flush=True)
             if save_now:
+                metrics_log.lines.flush()  # on gs:// the lines up to a checkpoint are stored with it
                 checkpointer.save(step, state, data.position(step, steps_in_epoch, config), val_metrics)
             if preempted:
                 checkpointer.wait()

@@ -12,10 +12,10 @@ logged, and a changed config starts a new history entry.
 """
 import json
 import logging
-import os
 
 import jax
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 TRAIN_CONFIG = "train_config.json"
@@ -48,18 +48,16 @@ def is_harmless(name):
 
 
 def history_path(workdir, step):
-    return os.path.join(workdir, HISTORY, f"train_config.{int(step)}.json")
+    return storage.join(workdir, HISTORY, f"train_config.{int(step)}.json")
 
 
 def write_config(workdir, config, step):
     """train_config.json and its history entry for `step`, by process 0."""
     if jax.process_index() != 0:
         return
-    os.makedirs(os.path.join(workdir, HISTORY), exist_ok=True)
     text = config.to_json(indent=2)
-    for path in (history_path(workdir, step), os.path.join(workdir, TRAIN_CONFIG)):
-        with open(path, "w") as f:
-            f.write(text)
+    for path in (history_path(workdir, step), storage.join(workdir, TRAIN_CONFIG)):
+        storage.write_text_atomic(path, text)
 
 
 def accept_resume_config(workdir, config, step, allow_change=False):
@@ -67,9 +65,8 @@ def accept_resume_config(workdir, config, step, allow_change=False):
 
     Refuses meaningful differences unless allow_change; logs each accepted one
     and records the new config (history + train_config.json)."""
-    path = os.path.join(workdir, TRAIN_CONFIG)
-    with open(path) as f:
-        saved = json.load(f)
+    path = storage.join(workdir, TRAIN_CONFIG)
+    saved = json.loads(storage.path(path).read_text())
     changes = differences(saved, json.loads(config.to_json()))
     meaningful = [change for change in changes if not is_harmless(change[0])]
     if meaningful and not allow_change:
@@ -83,10 +80,8 @@ def accept_resume_config(workdir, config, step, allow_change=False):
         why = "--allow-config-change" if (name, old, new) in meaningful else "it does not change the run's meaning"
         log.warning("resuming with a changed config: %s %r -> %r (accepted: %s)", name, old, new, why)
     if changes:
-        if jax.process_index() == 0 and not os.path.isdir(os.path.join(workdir, HISTORY)):
-            os.makedirs(os.path.join(workdir, HISTORY))  # a run from before the history: keep its first config
-            with open(history_path(workdir, 0), "w") as f:
-                json.dump(saved, f, indent=2)
+        if jax.process_index() == 0 and not storage.path(workdir).joinpath(HISTORY).is_dir():
+            storage.write_json_atomic(history_path(workdir, 0), saved)  # a run from before the history: keep its first config
         write_config(workdir, config, step)
     if jax.process_index() == 0:
         print(f"resumed from step {step}", flush=True)

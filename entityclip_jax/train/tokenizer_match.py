@@ -9,12 +9,11 @@ positions, and its first records' token ids inside the vocabulary and ending in
 the model's EOT id (a few hundred records, not a scan of the data).
 """
 import json
-import os
-import shutil
 
 import jax
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.data import records
 from entityclip_jax.errors import EntityClipError
 
@@ -30,7 +29,7 @@ def _model_eot(text_config):
 def _first_token_ids(data_dir, split, context_length):
     """query_ids and explanation_ids of the split's first PROBE_EXAMPLES records, [n, L] int64."""
     import tensorflow as tf  # heavy; the records are TFRecords
-    shards = [os.path.join(data_dir, shard["file"]) for shard in records.read_meta(data_dir)["splits"]
+    shards = [storage.join(data_dir, shard["file"]) for shard in records.read_meta(data_dir)["splits"]
               .get(split, {}).get("shards", [])]
     if not shards:
         return np.zeros((0, context_length), np.int64)
@@ -76,11 +75,8 @@ def run_tokenizer(data_dir, text_config):
 
 
 def _recorded(directory):
-    path = os.path.join(directory, RUN_TOKENIZER)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    path = storage.path(directory) / RUN_TOKENIZER
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def check_same_tokenizer(recorded, data_dir, where):
@@ -103,30 +99,29 @@ def check_training_data(workdir, config, clip_config):
     if recorded is not None:
         check_same_tokenizer(recorded, config.data.dir, workdir)
     elif jax.process_index() == 0:
-        with open(os.path.join(workdir, RUN_TOKENIZER), "w") as f:
-            json.dump(run_tokenizer(config.data.dir, clip_config.text), f, indent=2)
+        storage.write_json_atomic(storage.join(workdir, RUN_TOKENIZER), run_tokenizer(config.data.dir, clip_config.text))
 
 
 def _run_directory(checkpoint):
     """The directory holding a checkpoint's run_tokenizer.json: itself, or a step's workdir."""
-    checkpoint = os.path.abspath(str(checkpoint))
-    if os.path.isdir(os.path.join(checkpoint, "state")):  # WORKDIR/checkpoints/<step>
-        return os.path.dirname(os.path.dirname(checkpoint))
-    return checkpoint
+    checkpoint = storage.path(storage.absolute(checkpoint))
+    if (checkpoint / "state").is_dir():  # WORKDIR/checkpoints/<step>
+        return str(checkpoint.parent.parent)
+    return str(checkpoint)
 
 
 def check_eval_data(checkpoint, data_dir, split, clip_config):
     """Before encoding: the split fits the towers and, when the checkpoint records the tokenizer
     it was trained on (a workdir, a step, an export), was written with that one."""
     check_records_fit_model(data_dir, [split], clip_config.text)
-    recorded = _recorded(_run_directory(checkpoint)) if os.path.isdir(str(checkpoint)) else None
+    recorded = _recorded(_run_directory(checkpoint)) if storage.path(checkpoint).is_dir() else None
     if recorded is not None:
         check_same_tokenizer(recorded, data_dir, checkpoint)
 
 
 def copy_run_tokenizer(checkpoint, out_dir):
     """Puts a training run's run_tokenizer.json into its export; returns the copy or None."""
-    source = os.path.join(_run_directory(checkpoint), RUN_TOKENIZER)
-    if not (os.path.isdir(str(checkpoint)) and os.path.isfile(source)):
+    source = storage.path(_run_directory(checkpoint)) / RUN_TOKENIZER
+    if not (storage.path(checkpoint).is_dir() and source.is_file()):
         return None
-    return shutil.copy(source, os.path.join(out_dir, RUN_TOKENIZER))
+    return storage.copy(source, storage.join(out_dir, RUN_TOKENIZER))

@@ -1,0 +1,192 @@
+"""The one place that names storage: local paths and gs:// alike, through etils.epath.
+
+Every path a user hands us (records, workdirs, run files, metrics, checkpoints, eval
+outputs, exports, indexes) goes through `path()` / `absolute()` here and is then
+read and written with epath's pathlib-like API, the library Orbax itself uses.
+
+Backend (decided here, once): gs:// goes through fsspec/gcsfs, not tf.io.gfile
+(EPATH_USE_TF=0 unless the user set it). So the tests, which point gcsfs at a Cloud
+Storage emulator with STORAGE_EMULATOR_HOST, run the same code as production, and
+epath skips its per-bucket zonal-bucket probe. Reading and writing TFRecords
+(tf.data, tf.io.TFRecordWriter) and TensorBoard events stay on TensorFlow's own gs://
+client: it is what TPU users run and the fastest reader there.
+
+Object storage has no rename and no append, so:
+  * atomic writes: locally, write beside then rename into place; on gs:// an object
+    appears whole when its upload is closed, so a plain write is already atomic;
+  * directories that must appear complete (records, exports) get a marker file
+    written last (entityclip_meta.json, the export marker), never a rename;
+  * append (metrics.jsonl): see JsonLines.
+"""
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+
+from etils import epath
+
+os.environ.setdefault("EPATH_USE_TF", "0")  # gs:// through gcsfs everywhere (see above); read at every call
+
+REMOTE_PREFIXES = ("gs://",)
+
+
+def is_remote(p):
+    """True for object storage (gs://), where there is no rename and no append."""
+    return str(p).startswith(REMOTE_PREFIXES)
+
+
+def path(p):
+    """A user path as an epath.Path: gs://bucket/... or a local path (~ expanded)."""
+    return epath.Path(p) if is_remote(p) else epath.Path(os.path.expanduser(str(p)))
+
+
+def absolute(p):
+    """A user path as a string that stays valid after a chdir: local made absolute, gs:// as given."""
+    return str(p).rstrip("/") if is_remote(p) else os.path.abspath(os.path.expanduser(str(p)))
+
+
+def join(root, *parts):
+    """root/part/... as a string, gs:// kept intact (pathlib.Path would turn gs://b into gs:/b)."""
+    return str(path(root).joinpath(*map(str, parts)))
+
+
+def size(p):
+    """Bytes in the file p."""
+    return path(p).stat().length
+
+
+def write_text_atomic(p, text):
+    """Writes a whole file that readers see either old or new, never half written."""
+    target = path(p)
+    if is_remote(target):  # the object is created whole when the upload closes
+        target.write_text(text, encoding="utf-8")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(p, value, indent=2):
+    write_text_atomic(p, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def copy(src, dst):
+    """Copies one file, also between a local disk and object storage; returns dst as a string."""
+    src, dst = path(src), path(dst)
+    if not is_remote(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(src) == is_remote(dst):
+        src.copy(dst, overwrite=True)
+    else:  # each epath backend copies only within itself
+        dst.write_bytes(src.read_bytes())
+    return str(dst)
+
+
+def replace(src, dst):
+    """Moves one file onto dst: an atomic rename locally, copy then delete on object storage."""
+    src, dst = path(src), path(dst)
+    if is_remote(src) or is_remote(dst):
+        src.copy(dst, overwrite=True)
+        src.unlink()
+    else:
+        os.replace(src, dst)
+
+
+def move_tree(src, dst):
+    """Moves a directory to dst (whose parent is created): a rename locally, on object storage a copy of
+    every object then a delete of the source (not atomic: a crash in between leaves both, never neither)."""
+    src, dst = path(src), path(dst)
+    if not (is_remote(src) or is_remote(dst)):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src, dst)
+        return
+    for item in _files(src):
+        copy(item, dst / str(item)[len(str(src)) + 1:])
+    src.rmtree()
+
+
+@contextlib.contextmanager
+def local_copy(p):
+    """A local path holding what p holds, for readers that only open local files (safetensors,
+    torch.load, transformers): p itself when local, else a temporary download deleted on exit."""
+    source = path(p)
+    if not is_remote(source):
+        yield str(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="entityclip-") as tmp:
+        local = os.path.join(tmp, source.name)
+        if source.is_dir():
+            for item in _files(source):
+                copy(item, os.path.join(local, str(item)[len(str(source)) + 1:]))
+        else:
+            copy(source, local)
+        yield local
+
+
+def _files(directory):
+    """Every file below directory (epath's glob refuses "**" on gs://, its walk drops the scheme)."""
+    for item in directory.iterdir():
+        if item.is_dir():
+            yield from _files(item)
+        else:
+            yield item
+
+
+class JsonLines:
+    """An append-only JSON-lines file (metrics.jsonl) that works on object storage too.
+
+    Locally each record is appended at once. gs:// cannot append (gcsfs's "a" mode silently
+    overwrites), so the lines are kept in memory and the whole object is rewritten at most every
+    `flush_seconds` and at flush()/close(); a crash loses at most that much of the log."""
+
+    def __init__(self, p, flush_seconds=30.0):
+        self.path = path(p)
+        self.remote = is_remote(self.path)
+        self.flush_seconds = flush_seconds
+        self._lines = None  # remote: every line of the file, loaded on first use
+        self._dirty, self._flushed_at = False, time.monotonic()
+
+    def read(self):
+        if self._lines is not None:
+            return [json.loads(line) for line in self._lines]
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def keep(self, predicate):
+        """Rewrites the file with only the records for which predicate(record) holds."""
+        kept = [json.dumps(record) for record in self.read() if predicate(record)]
+        if self.remote:
+            self._lines, self._dirty = kept, True
+            self.flush()
+        elif kept or self.path.exists():
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def append(self, record):
+        line = json.dumps(record)
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(line + "\n")
+            return
+        if self._lines is None:
+            self._lines = [json.dumps(r) for r in self.read()]
+        self._lines.append(line)
+        self._dirty = True
+        if time.monotonic() - self._flushed_at >= self.flush_seconds:
+            self.flush()
+
+    def flush(self):
+        if self.remote and self._dirty:
+            self.path.write_text("".join(line + "\n" for line in self._lines), encoding="utf-8")
+            self._dirty = False
+        self._flushed_at = time.monotonic()
+
+    def close(self):
+        self.flush()
