@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from entityclip_jax.checkpoints import init_entityclip  # noqa: E402
 from entityclip_jax.data.pipeline import to_global_arrays  # noqa: E402
-from entityclip_jax.models.entityclip import init_entityclip  # noqa: E402
 from entityclip_jax.train import data, loop, optimizer, sharding  # noqa: E402
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs  # noqa: E402
 from entityclip_jax.train.step import make_train_step  # noqa: E402

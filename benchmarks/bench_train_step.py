@@ -62,7 +62,7 @@ def prepare_jax(mode, args):
     import jax
 
     from entityclip_jax.config import default_config
-    from entityclip_jax.models.entityclip import init_entityclip
+    from entityclip_jax.checkpoints import init_entityclip
     from entityclip_jax.train import optimizer, sharding
     from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
     from entityclip_jax.train.step import make_train_step

@@ -10,12 +10,22 @@ import json
 import os
 import re
 
+import jax
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
 from entityclip_jax import storage
+from entityclip_jax.data.records import META_FILE
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import random_preset
+from entityclip_jax.models.clip_config import PRESETS
+from entityclip_jax.models.entityclip import EntityCLIP
+from entityclip_jax.models.heads import HeadsConfig
+
+RANDOM_PREFIX = "random:"
+PRETRAINED_BY_PRESET = {"vit-b-32": "openai/clip-vit-base-patch32", "vit-b-16": "openai/clip-vit-base-patch16",
+                        "vit-l-14": "openai/clip-vit-large-patch14"}
 
 
 def default_config():
@@ -114,9 +124,6 @@ def _section(**fields):
 
 def load_config(spec, overrides=()):
     """A locked ConfigDict from "path/to/file.py[:arg]" plus "--config.a.b=value" overrides."""
-    from absl import flags
-    from ml_collections import config_flags
-
     for override in overrides:
         if not override.startswith("--config."):
             raise EntityClipError(f"unrecognized argument {override!r}; config overrides look like "
@@ -212,7 +219,6 @@ def validate_config(config, device_count=None):
         fail(f"batch_size {config.batch_size} does not split into accumulation_steps={config.accumulation_steps} "
              "micro-batches; make it a multiple")
     if device_count is None:
-        import jax  # heavy; the count is what the batch is split over
         device_count = jax.device_count()
     if config.batch_size % device_count:
         fail(f"batch_size {config.batch_size} does not split over the {device_count} devices; use a multiple of "
@@ -251,7 +257,6 @@ def _check_mesh(mesh):
 
 def _check_context_length(config):
     """Records tokenised longer than the text tower has positions would fail only at the first step."""
-    from entityclip_jax.data.records import META_FILE
     data_dir = config.data.dir
     if not data_dir or not storage.path(data_dir).joinpath(META_FILE).is_file():
         return  # the data checks report it
@@ -268,8 +273,7 @@ def _check_context_length(config):
 
 def _text_positions(init):
     """max_position_embeddings of model.init when cheap to know (preset or config file), else None."""
-    from entityclip_jax.models.clip_config import PRESETS
-    preset = str(init).removeprefix("random:")
+    preset = str(init).removeprefix(RANDOM_PREFIX)
     if preset in PRESETS:
         return PRESETS[preset].text.max_position_embeddings
     for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
@@ -286,8 +290,30 @@ def _text_positions(init):
 
 def heads_config(config):
     """The HeadsConfig for entityclip_loss from config.heads and the compute dtype."""
-    from entityclip_jax.models.heads import HeadsConfig
     return HeadsConfig(dtype=config.model.dtype, **config.heads.to_dict())
+
+
+def model_from_config(config, clip_config):
+    """EntityCLIP description from the training config and the towers' architecture."""
+    return EntityCLIP(clip=clip_config, heads=heads_config(config), mode=config.model.mode,
+                      remat=config.model.remat)
+
+
+def random_preset(init):
+    """The preset name of model.init="random:NAME", None for a checkpoint path or hub id. A bare
+    preset name is refused: random towers must be asked for, never implied."""
+    if init in PRESETS:
+        pretrained = PRETRAINED_BY_PRESET.get(init)
+        hint = f", or {pretrained} for OpenAI's pretrained weights" if pretrained else ""
+        raise EntityClipError(f"model.init={init!r} names an architecture, not weights: write "
+                              f"--config.model.init={RANDOM_PREFIX}{init} for RANDOM towers{hint}")
+    if not init.startswith(RANDOM_PREFIX):
+        return None
+    name = init[len(RANDOM_PREFIX):]
+    if name not in PRESETS:
+        raise EntityClipError(f"unknown architecture in model.init={init!r}; choose one of "
+                              f"{[RANDOM_PREFIX + n for n in sorted(PRESETS)]}")
+    return name
 
 
 RELEASE_ARCHITECTURES = {"b32": "openai/clip-vit-base-patch32", "b16": "openai/clip-vit-base-patch16"}

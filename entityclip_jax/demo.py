@@ -17,6 +17,29 @@ import os
 import shutil
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads, save_towers
+from entityclip_jax.cli import main as cli
+from entityclip_jax.config import load_config
+from entityclip_jax.convert.commands import export
+from entityclip_jax.data.embedded import real_photo_records
+from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+from entityclip_jax.data.synthetic import synthetic_examples
+from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab, load_tokenizer
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.eval.attention import draw_attention, expert_attention, top_words, word_scores
+from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
+from entityclip_jax.explain import cache
+from entityclip_jax.explain.prompts import load_prompt
+from entityclip_jax.explain.runner import generate_explanations
+from entityclip_jax.models.clip import CLIPModel
+from entityclip_jax.models.clip_pixels import to_uint8
+from entityclip_jax.models.entityclip import token_mask
+
 SPLITS = {"train": 1024, "val": 128, "test": 256}
 QUICK_SPLITS = {"train": 96, "val": 32, "test": 32}  # --quick: a smoke run of every stage
 GEMMA_PHOTOS = ("photo-astronaut", "photo-dscovr_launch", "photo-grace_hopper")
@@ -37,11 +60,6 @@ def _stage(title):
 
 def make_raw_data(root, splits=SPLITS):
     """JSONL splits (image, query, headline, label) under root; images under root/images."""
-    from PIL import Image
-
-    from entityclip_jax.data.embedded import real_photo_records
-    from entityclip_jax.data.synthetic import synthetic_examples
-
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     explanations = {}
     for seed, (split, count) in enumerate(splits.items()):
@@ -66,8 +84,6 @@ def make_raw_data(root, splits=SPLITS):
 
 def explain(explanations, cache_path, use_llm):
     """Gemma for a few real captions; every other explanation enters the cache as given."""
-    from entityclip_jax.explain import cache
-
     llm_ids = [i for i in GEMMA_PHOTOS if i in explanations] if use_llm else []
     with cache.CacheWriter(cache_path) as writer:
         for example_id, (query, explanation) in explanations.items():
@@ -76,9 +92,7 @@ def explain(explanations, cache_path, use_llm):
                                                model="hand-written", prompt_version="embedded"))
     if not llm_ids:
         return {}
-    from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
-    from entityclip_jax.explain.prompts import load_prompt
-    from entityclip_jax.explain.runner import generate_explanations
+    from entityclip_jax.explain.backends.transformers_lm import TransformersBackend  # lazy: the LLM backend
 
     backend = TransformersBackend()
     summary = generate_explanations([(i, explanations[i][0]) for i in llm_ids], cache_path, backend,
@@ -94,7 +108,6 @@ def run(args):
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.time()
-    from entityclip_jax.cli import main as cli
 
     workdir = os.path.abspath(args.workdir)
     if args.fresh and os.path.exists(workdir):
@@ -116,7 +129,6 @@ def run(args):
     generated = explain(explanations, cache_path, use_llm=use_llm)
 
     _stage("3. TFRecords with OpenAI's CLIP vocabulary (from the open_clip_torch wheel)")
-    from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab
     build_hf_tokenizer_files(ensure_openai_vocab(), tokenizer_dir)
     shutil.rmtree(records, ignore_errors=True)
     for split in splits:
@@ -135,7 +147,6 @@ def run(args):
                     *overrides]))
 
     _stage("5. evaluation with the plain CLIP towers")
-    from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
     metrics = {name: evaluate_retrieval(run_dir, records, "test", os.path.join(results, name))[0]
                for name, run_dir in runs.items()}
     classification = zero_shot_classification(runs["entityclip"], records, "test",
@@ -143,7 +154,6 @@ def run(args):
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
 
     _stage("6. export to Hugging Face (PyTorch) and parity check")
-    from entityclip_jax.convert.commands import export
     export_dir = os.path.join(workdir, "hf_export")
     parity = export(runs["entityclip"], export_dir, tokenizer_from=tokenizer_dir, overwrite=True)
 
@@ -168,18 +178,12 @@ def run(args):
 
 
 def _check(code):
-    from entityclip_jax.errors import EntityClipError
     if code:
         raise EntityClipError(f"a demo stage failed with exit code {code}; see the message above")
 
 
 def _initial_towers(config_path, overrides, out_dir):
     """The towers both runs start from, saved for evaluation: what fine-tuning adds."""
-    import jax
-
-    from entityclip_jax.config import load_config
-    from entityclip_jax.models.entityclip import init_entityclip
-    from entityclip_jax.models.loading import save_towers
     config = load_config(config_path, overrides)
     model, params = init_entityclip(jax.random.key(config.seed), config)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -197,34 +201,21 @@ def _summary_table(metrics):
 
 def _attention_view(run_dir, records, tokenizer_dir, results):
     """Figure 4: the top explanation words an explanation expert attends to, for one test example."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
-    from entityclip_jax.data.tokenizer import load_tokenizer
-    from entityclip_jax.eval.attention import draw_attention, expert_attention, top_words, word_scores
-    from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.entityclip import token_mask
-    from entityclip_jax.train.checkpoint import restore_params
-
-    clip_config, params = restore_params(run_dir)
+    clip_config, tower_params, heads = load_towers_and_heads(run_dir)
     batch = next(numpy_batches(make_dataset(records, "test", batch_size=1, image_size=clip_config.vision.image_size,
                                             train=False, process_index=0, process_count=1)))
-    towers = CLIPModel(clip_config)
-    image = towers.apply({"params": params["clip"]}, batch["pixel_values"], method=CLIPModel.encode_image)
-    query = towers.apply({"params": params["clip"]}, batch["query_ids"], method=CLIPModel.encode_text)
-    explanation = towers.apply({"params": params["clip"]}, batch["explanation_ids"], method=CLIPModel.encode_text)
+    towers, variables = CLIPModel(clip_config), {"params": tower_params}
+    image = towers.apply(variables, batch["pixel_values"], method=CLIPModel.encode_image)
+    query = towers.apply(variables, batch["query_ids"], method=CLIPModel.encode_text)
+    explanation = towers.apply(variables, batch["explanation_ids"], method=CLIPModel.encode_text)
     e_mask = token_mask(explanation.eot_index, batch["explanation_ids"].shape[1])
-    expert = jax.tree.map(lambda x: x[0], params["heads"]["explanation_experts"])
+    expert = jax.tree.map(lambda x: x[0], heads["explanation_experts"])
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = batch["explanation_ids"][0]
     by_image = expert_attention(expert, image.tokens[:, 1:], explanation.tokens, e_mask)[0]
     q_len = int(query.eot_index[0])
     by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
-    pixels = np.asarray(batch["pixel_values"][0])
-    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
-    picture = np.clip((pixels * std + mean) * 255, 0, 255).astype(np.uint8)
+    picture = to_uint8(batch["pixel_values"][0])
     query_text = tokenizer.decode([int(i) for i in batch["query_ids"][0][1:q_len]])
     out = os.path.join(results, "attention.png")
     os.makedirs(results, exist_ok=True)

@@ -70,7 +70,8 @@ def tiny_model(mode="entityclip"):
     """(EntityCLIP, params) of tiny_config(), initialised once per test session."""
     if mode not in _MODELS:
         import jax
-        from entityclip_jax.models.entityclip import init_entityclip, model_from_config
+        from entityclip_jax.checkpoints import init_entityclip
+        from entityclip_jax.config import model_from_config
         if "entityclip" not in _MODELS:
             _MODELS["entityclip"] = init_entityclip(jax.random.key(0), tiny_config())
         model, params = _MODELS["entityclip"]

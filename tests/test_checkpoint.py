@@ -1,13 +1,14 @@
 """Orbax checkpoints: written on one mesh, restored on another or on one CPU; the
 last K plus the best kept; a checkpoint of another architecture refused by name;
-the towers readable by models/loading.load_towers."""
+the towers (and heads) readable by checkpoints.load_towers(_and_heads)."""
 import jax
 import numpy as np
 import pytest
 
+from entityclip_jax.checkpoints import load_towers, load_towers_and_heads
+from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import abstract_params, model_from_config
-from entityclip_jax.models.loading import load_towers
+from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.train import checkpoint as ckpt
 from entityclip_jax.train import optimizer, sharding
 from entityclip_jax.train.state import abstract_state, state_specs
@@ -95,13 +96,14 @@ def test_load_towers_from_workdir_and_step(saved_run):
     assert any(jax.tree.leaves(differs))  # the workdir gave step 2, not 4
 
 
-def test_restore_params_brings_the_heads(saved_run):
+def test_load_towers_and_heads_of_a_step(saved_run):
     workdir, _, final_state = saved_run
-    _, params = ckpt.restore_params(str(workdir / "checkpoints" / "4"))
-    assert set(params) == {"clip", "heads"}
-    jax.tree.map(np.testing.assert_array_equal, params, final_state.params)
+    _, towers, heads = load_towers_and_heads(str(workdir / "checkpoints" / "4"))
+    jax.tree.map(np.testing.assert_array_equal, {"clip": towers, "heads": heads}, final_state.params)
 
 
-def test_restore_towers_refuses_other_directories(tmp_path):
-    with pytest.raises(EntityClipError, match="workdir"):
-        ckpt.restore_towers(str(tmp_path))
+def test_load_towers_refuses_other_directories(tmp_path):
+    with pytest.raises(EntityClipError, match="holds none of their files; pass a training workdir"):
+        load_towers(str(tmp_path))
+    with pytest.raises(EntityClipError, match="does not exist; pass a training workdir"):
+        load_towers(str(tmp_path / "missing"))

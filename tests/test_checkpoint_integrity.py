@@ -1,7 +1,7 @@
 """Damaged checkpoints never restore silently: flipped bytes (caught by the chunks'
 CRC-32C even when the values stay finite), NaN or absurd values, truncated or
 deleted files. Training falls back to the step before, in one log line, and
-moves the damaged step aside; eval/export (restore_towers) fall back too; no
+moves the damaged step aside; eval/export (checkpoints.load_towers) fall back too; no
 intact step left is a clear error."""
 import logging
 import os
@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
+from entityclip_jax import checkpoints
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import checkpoint as ckpt
 from entityclip_jax.train import sharding
@@ -165,24 +166,24 @@ def test_no_intact_step_is_a_clear_error(run):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # nothing moved
 
 
-def test_restore_towers_skips_a_damaged_step(run, caplog):
+def test_load_towers_skips_a_damaged_step(run, caplog):
     workdir, _, states = run
     flip_low_bit(workdir, 3)
-    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
-        _, towers = ckpt.restore_towers(str(workdir))  # what eval, search and export-hf call
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        _, towers = checkpoints.load_towers(str(workdir))  # what eval, search and export-hf call
     jax.tree.map(np.testing.assert_array_equal, towers, states[2].params["clip"])
     assert any("damaged checkpoint" in r.getMessage() and "checkpoints/3" in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # readers move nothing
     with pytest.raises(EntityClipError, match=r"damaged checkpoint .*checkpoints/3"):
-        ckpt.restore_towers(str(workdir / "checkpoints" / "3"))
+        checkpoints.load_towers(str(workdir / "checkpoints" / "3"))
 
 
-def test_all_steps_damaged_for_restore_towers(run):
+def test_all_steps_damaged_for_load_towers(run):
     workdir, _, _ = run
     for step in STEPS:
         truncate(workdir, step)
     with pytest.raises(EntityClipError, match="no intact checkpoint in"):
-        ckpt.restore_towers(str(workdir))
+        checkpoints.load_towers(str(workdir))
 
 
 def test_unwritable_workdir_fails_before_anything(tmp_path):
@@ -224,6 +225,6 @@ def test_checkpoints_written_before_the_checksums_still_restore(tmp_path):
     checkpointer.close()
     assert (step, position) == (5, {"step": 5})
     assert_state(restored, jax.device_get(state))
-    _, towers = ckpt.restore_towers(str(tmp_path))
+    _, towers = checkpoints.load_towers(str(tmp_path))
     np.testing.assert_array_equal(towers["visual_projection"]["kernel"],
                                   jax.device_get(state.params["clip"]["visual_projection"]["kernel"]))

@@ -37,13 +37,13 @@ def _resume_from_export(workdir):
     import jax
     import numpy as np
 
+    from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads
     from entityclip_jax.config import load_config
-    from entityclip_jax.models.entityclip import init_entityclip
-    from entityclip_jax.train.checkpoint import restore_params
 
     assert "entityclip_heads.safetensors" in os.listdir(workdir / "hf_export")
     config = load_config(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny_cpu.py"),
                          [f"--config.model.init={workdir / 'hf_export'}"])
     _, params = init_entityclip(jax.random.key(1), config)
-    _, trained = restore_params(str(workdir / "run_entityclip"))
+    _, towers, heads = load_towers_and_heads(str(workdir / "run_entityclip"))
+    trained = {"clip": towers, "heads": heads}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, trained)

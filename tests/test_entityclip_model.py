@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from entityclip_jax.checkpoints import tower_source
+from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip import CLIPModel
-from entityclip_jax.models.entityclip import (abstract_params, compute_loss, encode_batch, model_from_config,
-                                              pixels, tower_source)
+from entityclip_jax.models.entityclip import abstract_params, compute_loss, encode_batch, pixels
 from tests._tiny_training import CONTEXT, EOS, VOCAB, random_batch, tiny_config, tiny_model
 
 
@@ -55,10 +56,10 @@ def test_clip_finetune_loss_is_clips_own_contrastive_loss():
 
 
 def test_uint8_pixels_are_normalised_on_device():
-    from entityclip_jax.data.preprocess import normalize
     raw = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
-    np.testing.assert_allclose(pixels({"pixel_values": jnp.asarray(raw)}), normalize(raw.astype(np.float32)),
-                               rtol=1e-6)
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    np.testing.assert_allclose(pixels({"pixel_values": jnp.asarray(raw)}), (raw / 255.0 - mean) / std,
+                               rtol=1e-5, atol=1e-5)  # OpenAI's constants, written out: the reference
     floats = jnp.ones((2, 8, 8, 3))
     assert pixels({"pixel_values": floats}) is floats  # the pipeline normalised them already
 
@@ -70,5 +71,5 @@ def test_bad_model_settings_are_refused(tiny_hf_dir):
     with pytest.raises(EntityClipError, match="random towers only"):
         tower_source(tiny_config(**{"model.init": tiny_hf_dir}))
     config = tiny_config(**{"model.init": tiny_hf_dir, "model.vocab_size": None, "model.eos_token_id": None})
-    clip_config, params = tower_source(config)  # a Hugging Face directory brings its own architecture
-    assert clip_config.projection_dim == 24 and params["logit_scale"] == pytest.approx(3.1)
+    clip_config, params, heads = tower_source(config)  # a Hugging Face directory brings its own architecture
+    assert clip_config.projection_dim == 24 and params["logit_scale"] == pytest.approx(3.1) and heads is None

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from entityclip_jax.checkpoints import save_towers
 from entityclip_jax.cli import main as cli
 from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import PRESETS
-from entityclip_jax.models.loading import save_towers
 from tests._tiny_training import write_tiny_records
 
 

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from entityclip_jax import cli
+from entityclip_jax.checkpoints import describe_init, init_entityclip, load_towers
+from entityclip_jax.config import random_preset
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import describe_init, init_entityclip, random_preset
-from entityclip_jax.models.loading import load_towers, resolve_checkpoint
+from entityclip_jax.hub import resolve_checkpoint
 from tests._tiny_training import tiny_config
 from tests.conftest import tiny_hf_clip
 

@@ -156,9 +156,8 @@ def test_release_checkpoint_initialises_training(tmp_path):
     with every weight it holds, and evaluates as plain towers."""
     import pathlib
 
+    from entityclip_jax.checkpoints import init_entityclip, load_towers
     from entityclip_jax.config import load_config
-    from entityclip_jax.models.entityclip import init_entityclip
-    from entityclip_jax.models.loading import load_towers
     from tests.test_convert import openai_state_dict_from_hf, tiny_openai_model
 
     torch.manual_seed(1)

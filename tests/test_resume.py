@@ -165,7 +165,7 @@ def test_eval_refuses_towers_with_another_eot(records, tmp_path, capsys):
 
     from entityclip_jax.models.clip import init_params
     from entityclip_jax.models.clip_config import PRESETS
-    from entityclip_jax.models.loading import save_towers
+    from entityclip_jax.checkpoints import save_towers
     _, vocab_size, eos_id = records
     tiny = PRESETS["tiny"]
     clip = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=vocab_size + 1,

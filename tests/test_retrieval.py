@@ -222,9 +222,9 @@ def test_clip_encoders_equal_transformers_pytorch_clip(tiny_hf_dir):
     import torch
     import transformers
 
+    from entityclip_jax.checkpoints import load_towers
     from entityclip_jax.eval.encode import clip_encoders
     from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.loading import load_towers
 
     config, params = load_towers(tiny_hf_dir)
     reference = transformers.CLIPModel.from_pretrained(tiny_hf_dir).eval()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from entityclip_jax import cli
+from entityclip_jax.checkpoints import load_towers
 from entityclip_jax.config import load_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import checkpoint as ckpt
@@ -101,8 +102,8 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_r
     for step in train:
         for name, value in reference_train[step].items():
             assert train[step][name] == pytest.approx(value, abs=1e-6), (step, name)
-    _, towers = ckpt.restore_towers(str(workdir / "checkpoints" / str(STEPS)))
-    _, reference_towers = ckpt.restore_towers(str(reference_dir / "checkpoints" / str(STEPS)))
+    _, towers = load_towers(str(workdir / "checkpoints" / str(STEPS)))
+    _, reference_towers = load_towers(str(reference_dir / "checkpoints" / str(STEPS)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), towers, reference_towers)
 
 

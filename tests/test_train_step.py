@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import model_from_config
 from entityclip_jax.train import optimizer, sharding
 from entityclip_jax.train.step import loss_and_grads
 from tests._tiny_training import build_state, random_batch, tiny_config, tiny_model

@@ -3,7 +3,17 @@ import os
 import tempfile
 import time
 
+import jax
+import numpy as np
+
 from entityclip_jax import storage
+from entityclip_jax.checkpoints import load_towers_and_heads, save_towers
+from entityclip_jax.convert.heads_file import save_heads
+from entityclip_jax.convert.hf import check_export_destination, load_hf_checkpoint, save_hf_checkpoint, upload_export
+from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
+from entityclip_jax.convert.verify import compare_with_transformers
+from entityclip_jax.hub import resolve_checkpoint
+from entityclip_jax.train.tokenizer_match import copy_run_tokenizer
 
 
 def _progress(message):
@@ -17,8 +27,6 @@ def configure_import_hf(parser):
 
 
 def run_import_hf(args):
-    from entityclip_jax.convert.hf import load_hf_checkpoint
-    from entityclip_jax.models.loading import resolve_checkpoint, save_towers
     _progress(f"reading {args.source}")
     config, params = load_hf_checkpoint(resolve_checkpoint(args.source))
     _progress(f"converted {_count(params):,} parameters; writing {args.out}")
@@ -43,7 +51,6 @@ def run_export_hf(args):
 def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     """Any checkpoint -> a Hugging Face CLIPModel directory; a training run's experts
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
-    from entityclip_jax.convert.hf import check_export_destination, save_hf_checkpoint, upload_export
     out = storage.absolute(out)
     check_export_destination(out, overwrite, (checkpoint, tokenizer_from))  # before a long read
     if storage.is_remote(out):  # built and verified on the local disk, then uploaded, its marker last
@@ -54,10 +61,8 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
         _progress(f"done: {out}")
         return diff
     _progress(f"reading {checkpoint}")
-    config, params, heads = _towers_and_heads(checkpoint)
+    config, params, heads = load_towers_and_heads(checkpoint)  # a training run is read once, heads included
     _progress(f"writing {_count(params):,} parameters to {out}")
-    from entityclip_jax.convert.heads_file import save_heads
-    from entityclip_jax.train.tokenizer_match import copy_run_tokenizer
 
     def extra(directory):  # inside the export before it appears, so the marker lists them
         if heads is not None:
@@ -69,21 +74,10 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
         _progress("saved the experts beside it for resuming")
     diff = None
     if verify:
-        from entityclip_jax.convert.verify import compare_with_transformers
         diff = compare_with_transformers(params, config, out)
         _progress(f"verified with transformers: max |embedding difference| = {diff:.2e}")
     _progress(f"done: {out}")
     return diff
-
-
-def _towers_and_heads(checkpoint):
-    """(config, tower params, heads or None); a training run is read once, heads included."""
-    if storage.path(checkpoint).joinpath("checkpoints").is_dir() or storage.path(checkpoint).joinpath("state").is_dir():
-        from entityclip_jax.train.checkpoint import restore_params
-        config, params = restore_params(checkpoint)
-        return config, params["clip"], params.get("heads")
-    from entityclip_jax.models.loading import load_towers
-    return (*load_towers(checkpoint), None)
 
 
 def configure_import_openai(parser):
@@ -97,8 +91,6 @@ def configure_import_openai(parser):
 
 
 def run_import_openai(args):
-    from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
-    from entityclip_jax.models.loading import save_towers
     _progress(f"reading {args.source}")
     config, params = openai_to_flax(read_openai_checkpoint(args.source, args.trust_torchscript), source=args.source,
                                     allow_extra=args.ignore_extra)
@@ -108,6 +100,4 @@ def run_import_openai(args):
 
 
 def _count(params):
-    import jax
-    import numpy as np
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -16,23 +16,7 @@ light code paths too.
 """
 import io
 
-import numpy as np
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Folded for 0..255 input: (x/255 - mean)/std == (x - 255*mean) * 1/(255*std).
-_SHIFT = np.float32(255.0) * np.asarray(CLIP_MEAN, np.float32)
-_SCALE = np.float32(1.0) / (np.float32(255.0) * np.asarray(CLIP_STD, np.float32))
-
-
-def normalize(pixels):
-    """Pixels as float32 in 0..255 (any array library) -> CLIP-normalised float32.
-
-    On device with uint8 batches: normalize(batch["pixel_values"].astype(jnp.float32)).
-    """
-    return (pixels - _SHIFT) * _SCALE
-
+from entityclip_jax.models.clip_pixels import normalize  # the towers' input contract
 
 _EXIF_ORIENTATION = 0x0112
 

@@ -33,7 +33,7 @@ import ftfy
 import numpy as np
 
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.loading import resolve_checkpoint
+from entityclip_jax.hub import resolve_checkpoint
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

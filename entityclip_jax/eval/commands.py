@@ -8,6 +8,20 @@ import json
 import os
 import time
 
+import numpy as np
+
+from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.data.pipeline import make_dataset, numpy_batches
+from entityclip_jax.data.tokenizer import load_tokenizer
+from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
+                                          write_classification_report, zero_shot_classify)
+from entityclip_jax.eval.encode import check_finite, clip_encoders, encode_dataset
+from entityclip_jax.eval.report import markdown_table, write_retrieval_report
+from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
+from entityclip_jax.hub import resolve_checkpoint
+from entityclip_jax.models.clip import CLIPModel
+from entityclip_jax.train.tokenizer_match import check_eval_data
+
 
 def _add_common(parser):
     parser.add_argument("--checkpoint", required=True,
@@ -24,12 +38,7 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
     transform(batches, config) may add fields to each batch (e.g. tokenized headlines).
     encoders: a list to which the (encode_image, encode_text) pair is appended, for reuse.
     """
-    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
-    from entityclip_jax.eval.encode import clip_encoders, encode_dataset
-    from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.loading import load_towers
-    from entityclip_jax.train.tokenizer_match import check_eval_data
-
+    checkpoint = resolve_checkpoint(checkpoint)  # a hub id is looked up once
     config, params = load_towers(checkpoint)
     check_eval_data(checkpoint, data_dir, split, config)  # the records speak the model's tokenizer
     encode_image, encode_text = clip_encoders(CLIPModel(config), params)   # data-parallel over every device
@@ -46,9 +55,6 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
 
 def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chunk_size=1024, ties="pessimistic"):
     """Recall@1/5/10/50/100, median and mean rank both ways; writes JSON, Markdown, PNG."""
-    from entityclip_jax.eval.report import write_retrieval_report
-    from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
-
     images, texts, ids, _, _ = encode_split(checkpoint, data_dir, split, batch_size)
     keep, text_to_image = group_images_by_id(ids)
     metrics = recall_metrics(retrieval_ranks(images[keep], texts, text_to_image, chunk_size=chunk_size,
@@ -67,7 +73,6 @@ def configure_eval(parser):
 
 
 def run_eval(args):
-    from entityclip_jax.eval.report import markdown_table
     start = time.time()
     metrics, paths = evaluate_retrieval(args.checkpoint, args.data, args.split, args.out,
                                         args.batch_size, args.chunk_size, args.ties)
@@ -79,13 +84,6 @@ def run_eval(args):
 def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_path, class_names=None,
                              template=None, batch_size=64):
     """The paper's Figure 5: class prompts scored against image and headline, averaged."""
-    import numpy as np
-
-    from entityclip_jax.data.tokenizer import load_tokenizer
-    from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
-                                              write_classification_report, zero_shot_classify)
-    from entityclip_jax.eval.encode import check_finite
-
     tokenizer = load_tokenizer(tokenizer_path)
 
     def with_headline_ids(batches, config):

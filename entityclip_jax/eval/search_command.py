@@ -87,8 +87,8 @@ def run_search(args):
 
 
 def _load(checkpoint):
+    from entityclip_jax.checkpoints import load_towers
     from entityclip_jax.models.clip import CLIPModel
-    from entityclip_jax.models.loading import load_towers
 
     config, params = load_towers(checkpoint)
     return CLIPModel(config), params, config
@@ -101,7 +101,7 @@ def _encoders(model, params):
 
 def _tokenizer(tokenizer_path, checkpoint):
     from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
-    from entityclip_jax.models.loading import resolve_checkpoint
+    from entityclip_jax.hub import resolve_checkpoint
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
     checkpoint = pathlib.Path(resolve_checkpoint(checkpoint))  # a hub model's own tokenizer files

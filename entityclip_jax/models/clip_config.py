@@ -62,7 +62,7 @@ class CLIPConfig:
 
     def to_hf(self):
         """A transformers.CLIPConfig describing the same towers."""
-        import transformers
+        import transformers  # lazy: heavy (torch), needed only to export or compare with PyTorch
         return transformers.CLIPConfig(
             text_config=dataclasses.asdict(self.text),
             vision_config=dataclasses.asdict(self.vision),

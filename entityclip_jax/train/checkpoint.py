@@ -4,8 +4,10 @@
     WORKDIR/train_config.json     the training config in force (history: configs/, run_config.py)
     WORKDIR/checkpoints/<step>/   state (TrainState) + data (position in the data stream)
 
-(Not clip_config.json / config.json: models/loading.py takes a directory holding
-those for a towers directory / a Hugging Face checkpoint.)
+(Not clip_config.json / config.json: checkpoints.py takes a directory holding
+those for a towers directory / a Hugging Face checkpoint.) This module owns the
+Orbax format of a run; checkpoints.py decides what a path a user gives us is and
+reads a run's parameters through run_step_dirs and restore_subtree below.
 
 Saves are asynchronous (training goes on while the arrays are written). Kept:
 the last `keep` steps plus the best one by `best_metric` (METHOD.md's model
@@ -37,6 +39,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.clip_config import CLIPConfig
 from entityclip_jax.train.run_config import TRAIN_CONFIG, write_config
 from entityclip_jax.train.sharding import path_name
 
@@ -146,7 +149,6 @@ def write_run_files(workdir, clip_config, config):
 
 
 def read_clip_config(workdir):
-    from entityclip_jax.models.clip_config import CLIPConfig
     path = storage.path(workdir) / CLIP_CONFIG
     if not path.is_file():
         raise EntityClipError(f"{workdir} has no {CLIP_CONFIG}; it is not an `entityclip train` workdir")
@@ -309,34 +311,29 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _step_dirs(path):
-    """(workdir, step directories to try in order) for a workdir (its best step by its config's
-    metric, else the latest; then the others, newest first) or one step directory (only it)."""
-    path = storage.absolute(path)
-    if storage.path(path).joinpath("state").is_dir():
-        return str(storage.path(path).parent.parent), [path]
-    if not storage.path(path).joinpath(CHECKPOINTS).is_dir():
-        raise EntityClipError(f"{path} is neither a training workdir (with {CHECKPOINTS}/) nor a checkpoint step "
-                              "directory (with state/)")
-    cfg = json.loads(storage.path(path).joinpath(TRAIN_CONFIG).read_text())["checkpoint"]
+def run_step_dirs(workdir):
+    """The step directories of a training run, in the order to try them: its best step by its
+    config's metric (else the latest), then the others, newest first."""
+    cfg = json.loads(storage.path(workdir).joinpath(TRAIN_CONFIG).read_text())["checkpoint"]
     metric = cfg.get("best_metric")
     with _quiet_absl():  # a read-only manager warns about every option it ignores
         options = ocp.CheckpointManagerOptions(read_only=True, best_mode=cfg.get("best_mode", "min"),
                                                best_fn=(lambda metrics: metrics[metric]) if metric else None)
-        manager = ocp.CheckpointManager(storage.join(path, CHECKPOINTS), item_handlers=_handlers(),
+        manager = ocp.CheckpointManager(storage.join(workdir, CHECKPOINTS), item_handlers=_handlers(),
                                         options=options)
         best = manager.best_step()
         steps = sorted(manager.all_steps(), reverse=True)
         manager.close()
     if not steps:
-        raise EntityClipError(f"{path} holds no finished checkpoint yet")
+        raise EntityClipError(f"{workdir} holds no finished checkpoint yet")
     if best is not None:  # None: no checkpoint carries the metric
         steps = [best] + [step for step in steps if step != best]
-    return path, [storage.join(path, CHECKPOINTS, str(step)) for step in steps]
+    return [storage.join(workdir, CHECKPOINTS, str(step)) for step in steps]
 
 
-def _restore_subtree(step_dir, subtree):
-    """`subtree` of the TrainState saved in step_dir as host numpy arrays; DamagedCheckpoint if unreadable."""
+def restore_subtree(step_dir, subtree):
+    """`subtree` of the TrainState saved in step_dir as host numpy arrays, whatever mesh wrote it;
+    DamagedCheckpoint if unreadable or not finite."""
     state_dir = storage.join(step_dir, "state")
     checkpointer = ocp.PyTreeCheckpointer()
     try:
@@ -359,35 +356,3 @@ def _restore_subtree(step_dir, subtree):
         restored = restored[key]
     check_values(restored, step_dir)
     return restored
-
-
-def restore_params(path, subtree=("params",)):
-    """(CLIPConfig, params as host numpy arrays) from a workdir or a checkpoint step dir.
-
-    A workdir gives its best checkpoint by the tracked metric, else the latest;
-    a damaged one is reported in one line and the next (newest first) is used.
-    Only `subtree` of the saved TrainState is read, onto the host, whatever mesh
-    wrote it: {"clip": towers, "heads": experts, gates and ITM head (EntityCLIP mode)}.
-    """
-    workdir, step_dirs = _step_dirs(path)
-    clip_config = read_clip_config(workdir)
-    problems = []
-    for step_dir in step_dirs:
-        try:
-            restored = _restore_subtree(step_dir, subtree)
-        except DamagedCheckpoint as err:
-            problems.append(str(err))
-            if step_dir != step_dirs[-1]:
-                log.warning("damaged checkpoint %s; trying %s", err, step_dirs[len(problems)])
-            continue
-        if problems:
-            log.warning("using checkpoint %s (the ones tried before it are damaged)", step_dir)
-        return clip_config, restored
-    if len(step_dirs) == 1:
-        raise EntityClipError(f"damaged checkpoint {problems[0]}; use another step or the workdir")
-    raise EntityClipError(f"no intact checkpoint in {workdir}: {' | '.join(problems)}")
-
-
-def restore_towers(path):
-    """(CLIPConfig, tower params as host numpy arrays): what models/loading.load_towers returns."""
-    return restore_params(path, ("params", "clip"))

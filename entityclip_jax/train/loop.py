@@ -24,8 +24,10 @@ import jax
 import numpy as np
 
 from entityclip_jax import storage
+from entityclip_jax.checkpoints import describe_init, init_entityclip
+from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import abstract_params, describe_init, init_entityclip, model_from_config
+from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.train import checkpoint as ckpt
 from entityclip_jax.train import data, distributed, optimizer, run_config, sharding, tokenizer_match
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
@@ -53,7 +55,7 @@ class _MetricsLog:
     """stdout progress, TensorBoard (clu) and metrics.jsonl, all by process 0."""
 
     def __init__(self, workdir, total_steps, global_batch, resumed_step):
-        from clu import metric_writers
+        from clu import metric_writers  # lazy: imports TensorFlow (~10 s), needed only once training starts
         self.primary = jax.process_index() == 0
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
         self.total_steps, self.global_batch = total_steps, global_batch

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from entityclip_jax import storage
+from entityclip_jax.checkpoints import run_directory
 from entityclip_jax.data import records
 from entityclip_jax.errors import EntityClipError
 
@@ -28,7 +29,7 @@ def _model_eot(text_config):
 
 def _first_token_ids(data_dir, split, context_length):
     """query_ids and explanation_ids of the split's first PROBE_EXAMPLES records, [n, L] int64."""
-    import tensorflow as tf  # heavy; the records are TFRecords
+    import tensorflow as tf  # lazy: heavy (~6 s); the records are TFRecords
     shards = [storage.join(data_dir, shard["file"]) for shard in records.read_meta(data_dir)["splits"]
               .get(split, {}).get("shards", [])]
     if not shards:
@@ -102,26 +103,19 @@ def check_training_data(workdir, config, clip_config):
         storage.write_json_atomic(storage.join(workdir, RUN_TOKENIZER), run_tokenizer(config.data.dir, clip_config.text))
 
 
-def _run_directory(checkpoint):
-    """The directory holding a checkpoint's run_tokenizer.json: itself, or a step's workdir."""
-    checkpoint = storage.path(storage.absolute(checkpoint))
-    if (checkpoint / "state").is_dir():  # WORKDIR/checkpoints/<step>
-        return str(checkpoint.parent.parent)
-    return str(checkpoint)
-
-
 def check_eval_data(checkpoint, data_dir, split, clip_config):
     """Before encoding: the split fits the towers and, when the checkpoint records the tokenizer
     it was trained on (a workdir, a step, an export), was written with that one."""
     check_records_fit_model(data_dir, [split], clip_config.text)
-    recorded = _recorded(_run_directory(checkpoint)) if storage.path(checkpoint).is_dir() else None
+    directory = run_directory(checkpoint)
+    recorded = _recorded(directory) if directory is not None else None
     if recorded is not None:
         check_same_tokenizer(recorded, data_dir, checkpoint)
 
 
 def copy_run_tokenizer(checkpoint, out_dir):
     """Puts a training run's run_tokenizer.json into its export; returns the copy or None."""
-    source = storage.path(_run_directory(checkpoint)) / RUN_TOKENIZER
-    if not (storage.path(checkpoint).is_dir() and source.is_file()):
+    directory = run_directory(checkpoint)
+    if directory is None or not storage.path(directory).joinpath(RUN_TOKENIZER).is_file():
         return None
-    return storage.copy(source, storage.join(out_dir, RUN_TOKENIZER))
+    return storage.copy(storage.join(directory, RUN_TOKENIZER), storage.join(out_dir, RUN_TOKENIZER))
