@@ -1,9 +1,11 @@
 """The `entityclip` command: one subcommand per pipeline stage.
 
 Each subcommand lives in its own module, which defines
-  configure(parser: argparse.ArgumentParser) -> None   (cheap: no heavy imports)
+  configure(parser: argparse.ArgumentParser) -> None
   run(args: argparse.Namespace) -> int | None
-Modules import jax/tensorflow/torch inside run(), so `entityclip --help` is fast.
+Only the chosen command's module is imported, so `entityclip --help` imports
+none of them; a module imports its stack at the top (jax, orbax), and only
+TensorFlow, torch and LLM backends where they are used.
 """
 import argparse
 import importlib

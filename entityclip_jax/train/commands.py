@@ -3,6 +3,10 @@ import json
 import logging
 import os
 
+from entityclip_jax.config import load_config, validate_config
+from entityclip_jax.train import distributed
+from entityclip_jax.train.loop import train
+
 ACCEPTS_OVERRIDES = True  # --config.a.b=value pass through as args.overrides
 
 
@@ -17,10 +21,6 @@ def configure(parser):
 
 
 def run(args):
-    from entityclip_jax.config import load_config, validate_config
-    from entityclip_jax.train import distributed
-    from entityclip_jax.train.loop import train
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
     # Before validate_config counts the devices: JAX's backend must start after jax.distributed does.
