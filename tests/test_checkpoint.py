@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from entityclip_jax.checkpoints import load_towers, load_towers_and_heads
+from entityclip_jax.checkpoints import init_entityclip, load_towers, load_towers_and_heads
 from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
@@ -100,6 +100,20 @@ def test_load_towers_and_heads_of_a_step(saved_run):
     workdir, _, final_state = saved_run
     _, towers, heads = load_towers_and_heads(str(workdir / "checkpoints" / "4"))
     jax.tree.map(np.testing.assert_array_equal, {"clip": towers, "heads": heads}, final_state.params)
+
+
+def test_a_training_run_as_model_init_brings_its_best_steps_heads(saved_run):
+    workdir, _, final_state = saved_run
+    config = tiny_config(**{"model.init": str(workdir), "model.vocab_size": None, "model.eos_token_id": None})
+    model, params = init_entityclip(jax.random.key(5), config)
+    assert model.clip == tiny_model()[0].clip
+    # the saved steps add 1.0 per step to every parameter: the best step (2) is the last (4) minus 2
+    jax.tree.map(lambda got, last: np.testing.assert_allclose(got, last - 2.0, atol=1e-5), params,
+                 final_state.params)
+    other = tiny_config(**{"model.init": str(workdir), "model.vocab_size": None, "model.eos_token_id": None,
+                           "heads.num_text_experts": 3})
+    with pytest.raises(EntityClipError, match=r"heads/text_experts/.*shape \(2, 32\) there, shape \(3, 32\) here"):
+        init_entityclip(jax.random.key(5), other)
 
 
 def test_load_towers_refuses_other_directories(tmp_path):
