@@ -14,7 +14,7 @@ see hub.py), and checkpoint_kind tells them apart:
   STATE_DICT_FILE  an OpenAI-layout .pt/.pth/.bin/.safetensors file (OpenAI's CLIP, or
                    the EntityCLIP release, which also holds the heads)
 
-load_towers is what eval, search and the demo read (the plain CLIP towers);
+load_towers is what eval, search and classify read (the plain CLIP towers);
 load_towers_and_heads is what export and training's model.init read; init_entityclip
 turns config.model.init ("random:PRESET" or any of the above) into a model and its
 parameters. Everything comes back as host arrays, whatever mesh wrote it.
