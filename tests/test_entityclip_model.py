@@ -10,6 +10,7 @@ from entityclip_jax.checkpoints import tower_source
 from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip import CLIPModel
+from entityclip_jax.models.clip_pixels import normalize, to_uint8
 from entityclip_jax.models.entityclip import abstract_params, compute_loss, encode_batch, pixels
 from tests._tiny_training import CONTEXT, EOS, VOCAB, random_batch, tiny_config, tiny_model
 
@@ -62,6 +63,12 @@ def test_uint8_pixels_are_normalised_on_device():
                                rtol=1e-5, atol=1e-5)  # OpenAI's constants, written out: the reference
     floats = jnp.ones((2, 8, 8, 3))
     assert pixels({"pixel_values": floats}) is floats  # the pipeline normalised them already
+
+
+def test_normalised_pixels_draw_back_as_the_original_bytes():
+    raw = np.random.default_rng(1).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8(normalize(raw.astype(np.float32))), raw)
+    assert to_uint8(np.full(3, 1e6)).tolist() == [255] * 3  # clipped, not wrapped
 
 
 def test_bad_model_settings_are_refused(tiny_hf_dir):
