@@ -61,13 +61,14 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
         _progress(f"done: {out}")
         return diff
     _progress(f"reading {checkpoint}")
-    config, params, heads = load_towers_and_heads(checkpoint)  # a training run is read once, heads included
+    source = resolve_checkpoint(checkpoint)  # a hub id is looked up once
+    config, params, heads = load_towers_and_heads(source)  # a training run is read once, heads included
     _progress(f"writing {_count(params):,} parameters to {out}")
 
     def extra(directory):  # inside the export before it appears, so the marker lists them
         if heads is not None:
             save_heads(heads, directory)
-        copy_run_tokenizer(checkpoint, directory)  # the tokenizer a training run's records were written with
+        copy_run_tokenizer(source, directory)  # the tokenizer a training run's records were written with
     save_hf_checkpoint(params, config, out, source_dir=tokenizer_from, overwrite=overwrite,
                        protect=(checkpoint,), extra=extra)
     if heads is not None:
