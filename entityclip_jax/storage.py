@@ -19,8 +19,10 @@ Object storage has no rename and no append, so:
   * append (metrics.jsonl): see JsonLines.
 """
 import contextlib
+import io
 import json
 import os
+import posixpath
 import secrets
 import shutil
 import tempfile
@@ -51,6 +53,36 @@ def absolute(p):
 def join(root, *parts):
     """root/part/... as a string, gs:// kept intact (pathlib.Path would turn gs://b into gs:/b)."""
     return str(path(root).joinpath(*map(str, parts)))
+
+
+def is_absolute(p):
+    """True for gs:// and for an absolute local path (a relative one is read against a root)."""
+    return is_remote(p) or os.path.isabs(os.path.expanduser(str(p)))
+
+
+def resolve(p):
+    """p as a string with ".." and, locally, symlinks resolved (for containment checks):
+    a local path through realpath; gs:// has no links, only its ".." are folded."""
+    if is_remote(p):
+        scheme, rest = str(p).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.realpath(os.path.expanduser(str(p)))
+
+
+def open(p, mode="r", encoding="utf-8", errors=None, newline=None):  # noqa: A001 (storage.open, like io.open)
+    """A file object on p, local or gs://. Text modes take errors= and newline= as io.open does
+    (epath's own open refuses them). gs:// cannot append: mode "a" there is an error."""
+    if "a" in mode and is_remote(p):
+        raise ValueError(f"{p}: object storage cannot append; rewrite the whole object (see JsonLines)")
+    binary = path(p).open(mode if "b" in mode else mode.replace("t", "") + "b")
+    if "b" in mode:
+        return binary
+    return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+
+
+def listdir(p):
+    """The names in directory p, sorted."""
+    return sorted(item.name for item in path(p).iterdir())
 
 
 def size(p):
