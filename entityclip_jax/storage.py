@@ -70,10 +70,13 @@ def resolve(p):
 
 
 def open(p, mode="r", encoding="utf-8", errors=None, newline=None):  # noqa: A001 (storage.open, like io.open)
-    """A file object on p, local or gs://. Text modes take errors= and newline= as io.open does
-    (epath's own open refuses them). gs:// cannot append: mode "a" there is an error."""
-    if "a" in mode and is_remote(p):
-        raise ValueError(f"{p}: object storage cannot append; rewrite the whole object (see JsonLines)")
+    """A file object on p, local or gs://, with io.open's text options (epath's own open refuses
+    errors= and newline=). Locally every mode works (append, "rb+"); gs:// objects are read or
+    written whole, so "a" and "+" modes are an error there."""
+    if not is_remote(p):
+        return io.open(path(p), mode, encoding=None if "b" in mode else encoding, errors=errors, newline=newline)
+    if "a" in mode or "+" in mode:
+        raise ValueError(f"{p}: object storage cannot append or update in place; rewrite the whole object")
     binary = path(p).open(mode if "b" in mode else mode.replace("t", "") + "b")
     if "b" in mode:
         return binary
@@ -81,8 +84,8 @@ def open(p, mode="r", encoding="utf-8", errors=None, newline=None):  # noqa: A00
 
 
 def listdir(p):
-    """The names in directory p, sorted."""
-    return sorted(item.name for item in path(p).iterdir())
+    """Every name in directory p, sorted (epath's local iterdir hides names ending in "~")."""
+    return sorted(item.name for item in path(p).iterdir()) if is_remote(p) else sorted(os.listdir(path(p)))
 
 
 def size(p):

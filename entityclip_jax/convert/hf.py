@@ -180,8 +180,8 @@ def check_export_destination(out_dir, overwrite=False, protect=()):
         ours = set(json.loads(marker.read_text())["files"])
     except (ValueError, KeyError, TypeError) as err:
         raise EntityClipError(f"--overwrite refused: {marker} is unreadable ({err}); remove {out_dir} yourself")
-    foreign = sorted(item.name for item in where.iterdir()
-                     if item.name not in ours or not item.is_file() or os.path.islink(item))
+    foreign = [name for name in storage.listdir(out_dir)
+               if name not in ours or not (where / name).is_file() or os.path.islink(where / name)]
     if foreign:
         raise EntityClipError(f"--overwrite refused: {out_dir} holds files export-hf did not write, e.g. "
                               f"{', '.join(foreign[:3])}; move them away or choose a new destination")
