@@ -95,14 +95,19 @@ def size(p):
 
 def write_text_atomic(p, text):
     """Writes a whole file that readers see either old or new, never half written."""
+    write_bytes_atomic(p, text.encode("utf-8"))
+
+
+def write_bytes_atomic(p, data):
+    """write_text_atomic for bytes."""
     target = path(p)
     if is_remote(target):  # the object is created whole when the upload closes
-        target.write_text(text, encoding="utf-8")
+        target.write_bytes(data)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
