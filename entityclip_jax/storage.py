@@ -147,7 +147,7 @@ def move_tree(src, dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(src, dst)
         return
-    for item in _files(src):
+    for item in files(src):
         copy(item, dst / str(item)[len(str(src)) + 1:])
     src.rmtree()
 
@@ -163,18 +163,19 @@ def local_copy(p):
     with tempfile.TemporaryDirectory(prefix="entityclip-") as tmp:
         local = os.path.join(tmp, source.name)
         if source.is_dir():
-            for item in _files(source):
+            for item in files(source):
                 copy(item, os.path.join(local, str(item)[len(str(source)) + 1:]))
         else:
             copy(source, local)
         yield local
 
 
-def _files(directory):
-    """Every file below directory (epath's glob refuses "**" on gs://, its walk drops the scheme)."""
-    for item in directory.iterdir():
+def files(directory):
+    """Every file below directory, as epath.Paths (epath's glob refuses "**" on gs://, its walk drops
+    the scheme)."""
+    for item in path(directory).iterdir():
         if item.is_dir():
-            yield from _files(item)
+            yield from files(item)
         else:
             yield item
 
