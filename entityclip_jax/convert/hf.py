@@ -124,6 +124,9 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
     Modes follow the umask, as save_pretrained's do (mkdtemp's 0700 would hide the export).
     out_dir is on the local disk: a gs:// export is built locally, then uploaded (upload_export).
     """
+    if storage.is_remote(out_dir):  # save_pretrained and the rename need a local disk
+        raise EntityClipError(f"save_hf_checkpoint writes a local directory, not {out_dir}: save it locally, "
+                              "then upload_export it (as `entityclip export-hf` does)")
     out_dir = storage.absolute(out_dir)
     check_export_destination(out_dir, overwrite, (*protect, source_dir))
     out = storage.path(out_dir)

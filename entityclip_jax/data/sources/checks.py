@@ -9,7 +9,6 @@ Files are decoded with errors="surrogateescape", so invalid UTF-8 bytes survive
 as lone surrogates and are caught per record instead of failing a whole file.
 """
 import json
-import os
 
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
