@@ -11,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
@@ -161,14 +162,18 @@ for name in os.listdir(local):
 code = cli.main(["import-hf", root + "/hf", root + "/towers"])
 _, params = load_towers(root + "/towers")
 tokenizer = _tokenizer(None, root + "/hf")   # the gs:// checkpoint's own vocab.json + merges.txt
+from entityclip_jax.convert.openai import read_openai_checkpoint
+storage.copy(sys.argv[3], root + "/openai.safetensors")
+openai = {k: v.tolist() for k, v in read_openai_checkpoint(root + "/openai.safetensors").items()}
 print(json.dumps({"code": code, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint,
                   "ids": tokenizer.encode(["the coach of Real Madrid"])[0][0, :8].tolist(),
                   "token_embedding": np.asarray(params["text_model"]["embeddings"]["token_embedding"]["embedding"]).tolist(),
-                  "visual_projection": np.asarray(params["visual_projection"]["kernel"]).tolist()}))
+                  "visual_projection": np.asarray(params["visual_projection"]["kernel"]).tolist(),
+                  "openai": openai}))
 '''
 
 
-def test_import_hf_and_the_search_tokenizer_from_a_gcs_checkpoint(gcs, tmp_path):
+def test_import_hf_openai_file_and_search_tokenizer_from_gcs(gcs, tmp_path):
     from entityclip_jax.data.tokenizer import load_tokenizer
     from tests._raw_layouts import write_tiny_clip_tokenizer
     from tests.conftest import tiny_hf_clip
@@ -177,7 +182,10 @@ def test_import_hf_and_the_search_tokenizer_from_a_gcs_checkpoint(gcs, tmp_path)
     write_tiny_clip_tokenizer(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").unlink()  # the slow layout: vocab.json + merges.txt only
     reference = load_tokenizer(tmp_path / "hf")
-    result = _on_gcs(gcs, HF_ON_GCS, tmp_path / "hf", "gs://paths/b")
+    proj = np.arange(6, dtype=np.float16).reshape(2, 3)  # an OpenAI-layout file as DataParallel saves it
+    safetensors.numpy.save_file({"module.visual.proj": proj}, str(tmp_path / "openai.safetensors"))
+    result = _on_gcs(gcs, HF_ON_GCS, tmp_path / "hf", "gs://paths/b", tmp_path / "openai.safetensors")
+    assert result["openai"] == {"visual.proj": proj.astype(np.float32).tolist()}
     assert result["code"] == 0
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     np.testing.assert_array_equal(result["token_embedding"], state["text_model.embeddings.token_embedding.weight"])
