@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from PIL import Image
 
 from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads, save_towers

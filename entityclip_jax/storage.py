@@ -19,8 +19,10 @@ Object storage has no rename and no append, so:
   * append (metrics.jsonl): see JsonLines.
 """
 import contextlib
+import io
 import json
 import os
+import posixpath
 import secrets
 import shutil
 import tempfile
@@ -53,6 +55,39 @@ def join(root, *parts):
     return str(path(root).joinpath(*map(str, parts)))
 
 
+def is_absolute(p):
+    """True for gs:// and for an absolute local path (a relative one is read against a root)."""
+    return is_remote(p) or os.path.isabs(os.path.expanduser(str(p)))
+
+
+def resolve(p):
+    """p as a string with ".." and, locally, symlinks resolved (for containment checks):
+    a local path through realpath; gs:// has no links, only its ".." are folded."""
+    if is_remote(p):
+        scheme, rest = str(p).split("://", 1)
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.realpath(os.path.expanduser(str(p)))
+
+
+def open(p, mode="r", encoding="utf-8", errors=None, newline=None):  # noqa: A001 (storage.open, like io.open)
+    """A file object on p, local or gs://, with io.open's text options (epath's own open refuses
+    errors= and newline=). Locally every mode works (append, "rb+"); gs:// objects are read or
+    written whole, so "a" and "+" modes are an error there."""
+    if not is_remote(p):
+        return io.open(path(p), mode, encoding=None if "b" in mode else encoding, errors=errors, newline=newline)
+    if "a" in mode or "+" in mode:
+        raise ValueError(f"{p}: object storage cannot append or update in place; rewrite the whole object")
+    binary = path(p).open(mode if "b" in mode else mode.replace("t", "") + "b")
+    if "b" in mode:
+        return binary
+    return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+
+
+def listdir(p):
+    """Every name in directory p, sorted (epath's local iterdir hides names ending in "~")."""
+    return sorted(item.name for item in path(p).iterdir()) if is_remote(p) else sorted(os.listdir(path(p)))
+
+
 def size(p):
     """Bytes in the file p."""
     return path(p).stat().length
@@ -60,14 +95,19 @@ def size(p):
 
 def write_text_atomic(p, text):
     """Writes a whole file that readers see either old or new, never half written."""
+    write_bytes_atomic(p, text.encode("utf-8"))
+
+
+def write_bytes_atomic(p, data):
+    """write_text_atomic for bytes."""
     target = path(p)
     if is_remote(target):  # the object is created whole when the upload closes
-        target.write_text(text, encoding="utf-8")
+        target.write_bytes(data)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,7 +147,7 @@ def move_tree(src, dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(src, dst)
         return
-    for item in _files(src):
+    for item in files(src):
         copy(item, dst / str(item)[len(str(src)) + 1:])
     src.rmtree()
 
@@ -123,18 +163,19 @@ def local_copy(p):
     with tempfile.TemporaryDirectory(prefix="entityclip-") as tmp:
         local = os.path.join(tmp, source.name)
         if source.is_dir():
-            for item in _files(source):
+            for item in files(source):
                 copy(item, os.path.join(local, str(item)[len(str(source)) + 1:]))
         else:
             copy(source, local)
         yield local
 
 
-def _files(directory):
-    """Every file below directory (epath's glob refuses "**" on gs://, its walk drops the scheme)."""
-    for item in directory.iterdir():
+def files(directory):
+    """Every file below directory, as epath.Paths (epath's glob refuses "**" on gs://, its walk drops
+    the scheme)."""
+    for item in path(directory).iterdir():
         if item.is_dir():
-            yield from _files(item)
+            yield from files(item)
         else:
             yield item
 

@@ -42,15 +42,17 @@ def test_overwrite_refuses_the_source_and_what_holds_it(towers, tmp_path, capsys
     assert _files(tmp_path / "run") == before
 
 
-def test_overwrite_replaces_an_earlier_export_but_not_one_with_user_files(towers, tmp_path, capsys):
+# "config.json~": an editor's backup, a name etils.epath's local listing hides
+@pytest.mark.parametrize("user_file", ["notes.txt", "config.json~"])
+def test_overwrite_replaces_an_earlier_export_but_not_one_with_user_files(towers, tmp_path, capsys, user_file):
     out = tmp_path / "export"
     assert _export(towers, out) == 0
     (out / "model.safetensors").write_bytes(b"stale")
     assert _export(towers, out) == 0  # an earlier export of ours: replaced
     load_hf_checkpoint(str(out))
-    (out / "notes.txt").write_text("mine")
+    (out / user_file).write_text("mine")
     assert _export(towers, out) == 2
-    assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    assert user_file in capsys.readouterr().err and (out / user_file).read_text() == "mine"
 
 
 def test_export_modes_follow_the_umask(tiny_hf_dir, tmp_path):

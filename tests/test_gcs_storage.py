@@ -9,7 +9,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
@@ -98,3 +100,123 @@ def test_the_proxy_refuses_every_host_but_googleapis(tmp_path):
 def test_the_explanation_cache_is_refused_on_gcs():
     with pytest.raises(EntityClipError, match="must be a local file"):
         CacheWriter("gs://bucket/explanations.jsonl")
+
+
+# ---- user paths on gs://: raw data roots, HF imports, a checkpoint's tokenizer, explain inputs.
+# One emulator for these tests; each runs its commands in one process with the emulator's variables.
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    with gcs_emulator.running(tmp_path_factory.mktemp("gcs")) as emulator:
+        emulator.make_bucket("paths")
+        yield emulator
+
+
+def _on_gcs(emulator, script, *argv):
+    done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT),
+                                            "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+RAW_ROOT_ON_GCS = r'''
+import json, sys
+from entityclip_jax import cli, storage
+from entityclip_jax.data.synthetic import write_synthetic_dataset
+from tests._raw_layouts import write_tiny_clip_tokenizer
+root, local = sys.argv[1], sys.argv[2]
+jsonl = write_synthetic_dataset(root + "/raw", 5, filename="train.jsonl")   # JPEGs and JSONL straight to gs://
+storage.copy(root + "/raw/images/syn-00000.jpg", root + "/outside.jpg")     # exists, but outside the root
+bad = [{"id": "escapes", "image": "../outside.jpg", "query": "a"}, {"id": "gone", "image": "images/no.jpg", "query": "b"}]
+storage.path(jsonl).write_text(storage.path(jsonl).read_text() + "".join(json.dumps(r) + "\n" for r in bad))
+tokenizer = write_tiny_clip_tokenizer(local + "/tok")
+storage.copy(tokenizer / "tokenizer.json", root + "/tok/tokenizer.json")
+code = cli.main(["write-records", "--source", "jsonl", "--root", root + "/raw", "--split", "train", "--tokenizer",
+                 root + "/tok", "--out", root + "/records", "--workers", "1", "--examples-per-shard", "4"])
+entry = json.loads(storage.path(root + "/records/entityclip_meta.json").read_text())["splits"]["train"]
+print(json.dumps({"code": code, "jsonl": jsonl, "examples": entry["num_examples"], "skipped": entry["skipped"],
+                  "shards": len(entry["shards"])}))
+'''
+
+
+def test_raw_jsonl_root_on_gcs_to_records_on_gcs(gcs, tmp_path):
+    result = _on_gcs(gcs, RAW_ROOT_ON_GCS, "gs://paths/a", tmp_path)
+    assert result["code"] == 0 and result["jsonl"] == "gs://paths/a/raw/train.jsonl"
+    assert result["examples"] == 5 and result["shards"] == 2
+    assert result["skipped"]["by_reason"] == {"path_escapes_root": 1, "missing_image": 1}, result["skipped"]
+    objects = gcs.objects("paths")
+    assert sum(name.startswith("a/raw/images/") for name in objects) == 5
+    assert not [name for name in objects if name.startswith(("gs:", "/"))]
+
+
+HF_ON_GCS = r'''
+import json, os, sys
+import numpy as np
+from entityclip_jax import cli, storage
+from entityclip_jax.eval.search_command import _tokenizer
+from entityclip_jax.checkpoints import load_towers
+local, root = sys.argv[1], sys.argv[2]
+for name in os.listdir(local):
+    storage.copy(os.path.join(local, name), root + "/hf/" + name)
+code = cli.main(["import-hf", root + "/hf", root + "/towers"])
+_, params = load_towers(root + "/towers")
+tokenizer = _tokenizer(None, root + "/hf")   # the gs:// checkpoint's own vocab.json + merges.txt
+from entityclip_jax.convert.openai import read_openai_checkpoint
+storage.copy(sys.argv[3], root + "/openai.safetensors")
+openai = {k: v.tolist() for k, v in read_openai_checkpoint(root + "/openai.safetensors").items()}
+print(json.dumps({"code": code, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint,
+                  "ids": tokenizer.encode(["the coach of Real Madrid"])[0][0, :8].tolist(),
+                  "token_embedding": np.asarray(params["text_model"]["embeddings"]["token_embedding"]["embedding"]).tolist(),
+                  "visual_projection": np.asarray(params["visual_projection"]["kernel"]).tolist(),
+                  "openai": openai}))
+'''
+
+
+def test_import_hf_openai_file_and_search_tokenizer_from_gcs(gcs, tmp_path):
+    from entityclip_jax.data.tokenizer import load_tokenizer
+    from tests._raw_layouts import write_tiny_clip_tokenizer
+    from tests.conftest import tiny_hf_clip
+    model = tiny_hf_clip()
+    model.save_pretrained(tmp_path / "hf")
+    write_tiny_clip_tokenizer(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").unlink()  # the slow layout: vocab.json + merges.txt only
+    reference = load_tokenizer(tmp_path / "hf")
+    proj = np.arange(6, dtype=np.float16).reshape(2, 3)  # an OpenAI-layout file as DataParallel saves it
+    safetensors.numpy.save_file({"module.visual.proj": proj}, str(tmp_path / "openai.safetensors"))
+    result = _on_gcs(gcs, HF_ON_GCS, tmp_path / "hf", "gs://paths/b", tmp_path / "openai.safetensors")
+    assert result["openai"] == {"visual.proj": proj.astype(np.float32).tolist()}
+    assert result["code"] == 0
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(result["token_embedding"], state["text_model.embeddings.token_embedding.weight"])
+    np.testing.assert_array_equal(result["visual_projection"], state["visual_projection.weight"].T)
+    assert (result["vocab_size"], result["fingerprint"]) == (reference.vocab_size, reference.fingerprint)
+    assert result["ids"] == reference.encode(["the coach of Real Madrid"])[0][0, :8].tolist()
+    assert "b/towers/clip_config.json" in gcs.objects("paths")
+
+
+EXPLAIN_INPUTS_ON_GCS = r'''
+import json, sys, types
+from entityclip_jax import storage
+from entityclip_jax.data.example import SkipReport
+from entityclip_jax.explain.commands import _queries
+from entityclip_jax.explain.prompts import load_prompt
+root = sys.argv[1]
+storage.path(root + "/queries.jsonl").write_text('{"id": "q1", "query": "Obama in Berlin"}\nnot json\n'
+                                                 '{"id": 2, "query": "Merkel speaks"}\n')
+storage.path(root + "/prompt.txt").write_text("Who is in: {query}\nAnswer:\n")
+report = SkipReport()
+args = types.SimpleNamespace(queries=root + "/queries.jsonl", source=None, limit=None)
+pairs = list(_queries(args, report))
+prompt = load_prompt(root + "/prompt.txt", chat=False)
+print(json.dumps({"pairs": pairs, "skipped": report.to_dict()["by_reason"], "template": prompt.template,
+                  "name": prompt.name}))
+'''
+
+
+def test_explain_reads_queries_and_prompt_from_gcs(gcs):
+    result = _on_gcs(gcs, EXPLAIN_INPUTS_ON_GCS, "gs://paths/c")
+    assert result["pairs"] == [["q1", "Obama in Berlin"], ["2", "Merkel speaks"]]
+    assert result["skipped"] == {"bad_line": 1}
+    assert result["template"] == "Who is in: {query}\nAnswer:"  # the file's final newline dropped (base model)
+    assert result["name"] == "prompt"

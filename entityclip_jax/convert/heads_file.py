@@ -4,31 +4,30 @@ file beside a Hugging Face export, so an exported model can resume training.
 Inference never needs them (METHOD.md): transformers ignores the file, and
 `entityclip train --config.model.init=EXPORT_DIR` picks it up again.
 """
-import os
-
 import jax
 import numpy as np
+import safetensors.numpy
 from flax import traverse_util
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 HEADS_FILE = "entityclip_heads.safetensors"
 
 
 def save_heads(heads_params, directory):
-    from safetensors.numpy import save_file
     flat = traverse_util.flatten_dict(jax.device_get(heads_params), sep=".")
-    path = os.path.join(directory, HEADS_FILE)
-    save_file({k: np.array(v, np.float32, order="C") for k, v in flat.items()}, path)
+    path = storage.join(directory, HEADS_FILE)
+    storage.path(path).write_bytes(safetensors.numpy.save({k: np.array(v, np.float32, order="C")
+                                                           for k, v in flat.items()}))
     return path
 
 
 def load_heads(directory, expected):
     """The heads saved in directory, checked against `expected` (arrays or ShapeDtypeStructs)."""
-    from safetensors.numpy import load_file
-    path = os.path.join(directory, HEADS_FILE)
+    path = storage.join(directory, HEADS_FILE)
     try:
-        flat = load_file(path)
+        flat = safetensors.numpy.load(storage.path(path).read_bytes())
     except Exception as err:
         raise EntityClipError(f"cannot read {path}: {err}") from None
     want = traverse_util.flatten_dict(expected, sep=".")
@@ -41,4 +40,4 @@ def load_heads(directory, expected):
 
 
 def has_heads(directory):
-    return os.path.isfile(os.path.join(directory, HEADS_FILE))
+    return storage.path(directory).joinpath(HEADS_FILE).is_file()

@@ -9,14 +9,15 @@ renamed into place, so a failed export leaves nothing half-written.
 import json
 import os
 import secrets
-import shutil
 
 import jax
 import numpy as np
+import safetensors.numpy
 
 from entityclip_jax import storage
 from entityclip_jax.convert.layout import flax_to_state_dict, state_dict_to_flax
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import CLIPConfig
 
 # Files a CLIP checkpoint may carry besides weights; copied on export.
@@ -27,38 +28,38 @@ EXPORT_MARKER = "entityclip_export.json"
 
 
 def read_hf_config(directory):
-    path = os.path.join(directory, "config.json")
-    if not os.path.isdir(directory):
+    where = storage.path(directory)
+    if not where.is_dir():
         raise EntityClipError(f"{directory} is not a directory; pass a Hugging Face checkpoint directory")
-    if not os.path.exists(path):
+    path = where / "config.json"
+    if not path.exists():
         raise EntityClipError(f"{directory} has no config.json; it is not a Hugging Face checkpoint "
                               "(save one with CLIPModel.save_pretrained)")
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise EntityClipError(f"{path} is not valid JSON: {err}") from None
     return CLIPConfig.from_hf(data), data
 
 
 def read_state_dict(directory):
-    """All tensors of a checkpoint directory as {key: fp32 numpy array}."""
+    """All tensors of a checkpoint directory (local or gs://) as {key: fp32 numpy array}."""
     candidates = [("model.safetensors.index.json", _read_safetensors_index),
                   ("model.safetensors", _read_safetensors),
                   ("pytorch_model.bin.index.json", _read_torch_index),
                   ("pytorch_model.bin", _read_torch_bin)]
     for name, reader in candidates:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
+        path = storage.join(directory, name)
+        if storage.path(path).exists():
             return reader(path), name
     raise EntityClipError(f"{directory} has no weights: expected model.safetensors, "
                           "model.safetensors.index.json or pytorch_model.bin")
 
 
 def _read_safetensors(path):
-    from safetensors.numpy import load_file
     try:
-        tensors = load_file(path)
+        with storage.local_copy(path) as local:  # safetensors reads local files only
+            tensors = safetensors.numpy.load_file(local)
     except Exception as err:  # safetensors raises its own error types for bad files
         raise EntityClipError(f"cannot read {path}: {err}; the file is truncated or not safetensors "
                               "(download it again)") from None
@@ -66,21 +67,21 @@ def _read_safetensors(path):
 
 
 def _read_torch_bin(path):
-    import torch
+    import torch  # lazy: heavy, only for pytorch_model.bin checkpoints
     try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        with storage.open(path, "rb") as f:
+            tensors = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:
         raise EntityClipError(f"cannot read {path} with weights_only=True: {err}") from None
     return {k: v.float().numpy() for k, v in tensors.items()}
 
 
 def _read_index(path, reader):
-    with open(path) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    shards = sorted(set(json.loads(storage.path(path).read_text())["weight_map"].values()))
     out = {}
     for shard in shards:
-        shard_path = os.path.join(os.path.dirname(path), shard)
-        if not os.path.exists(shard_path):
+        shard_path = storage.join(storage.path(path).parent, shard)
+        if not storage.path(shard_path).exists():
             raise EntityClipError(f"{path} names shard {shard}, which is missing")
         out.update(reader(shard_path))
     return out
@@ -100,16 +101,15 @@ def _to_fp32(array):
 
 def expected_params(config):
     """Parameter shapes of our CLIPModel for a config, without allocating them."""
-    from entityclip_jax.models.clip import init_params
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
 def load_hf_checkpoint(directory):
-    """A Hugging Face CLIPModel directory -> (CLIPConfig, Flax params as numpy fp32)."""
+    """A Hugging Face CLIPModel directory, local or gs:// -> (CLIPConfig, Flax params as numpy fp32)."""
     config, _ = read_hf_config(directory)
     state_dict, weights_file = read_state_dict(directory)
     params = state_dict_to_flax(state_dict, expected_params(config),
-                                source=os.path.join(directory, weights_file))
+                                source=storage.join(directory, weights_file))
     return config, params
 
 
@@ -122,33 +122,37 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
     replaces only an earlier export of ours (see check_export_destination), never a
     path in `protect` (what is being exported), a directory holding one, or one inside one.
     Modes follow the umask, as save_pretrained's do (mkdtemp's 0700 would hide the export).
+    out_dir is on the local disk: a gs:// export is built locally, then uploaded (upload_export).
     """
-    from safetensors.numpy import save_file
-    out_dir = os.path.abspath(out_dir)
+    if storage.is_remote(out_dir):  # save_pretrained and the rename need a local disk
+        raise EntityClipError(f"save_hf_checkpoint writes a local directory, not {out_dir}: save it locally, "
+                              "then upload_export it (as `entityclip export-hf` does)")
+    out_dir = storage.absolute(out_dir)
     check_export_destination(out_dir, overwrite, (*protect, source_dir))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".export-{secrets.token_hex(6)}")
-    os.mkdir(tmp)
+    out = storage.path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".export-{secrets.token_hex(6)}"
+    tmp.mkdir()
     try:
-        config.to_hf().save_pretrained(tmp)
-        save_file(flax_to_state_dict(params), os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
+        config.to_hf().save_pretrained(str(tmp))
+        safetensors.numpy.save_file(flax_to_state_dict(params), str(tmp / "model.safetensors"),
+                                    metadata={"format": "pt"})
         for name in SIDE_FILES if source_dir else ():
             if storage.path(source_dir).joinpath(name).is_file():
-                storage.copy(storage.join(source_dir, name), os.path.join(tmp, name))
+                storage.copy(storage.join(source_dir, name), tmp / name)
         if extra is not None:
-            extra(tmp)
-        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-            json.dump({"written_by": "entityclip export-hf", "files": sorted(os.listdir(tmp))}, f, indent=1)
+            extra(str(tmp))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "entityclip export-hf",
+                                                     "files": sorted([*storage.listdir(tmp), EXPORT_MARKER])},
+                                                    indent=1))
         file_mode = os.stat(tmp).st_mode & 0o666  # mkdir applied the umask; safetensors writes 0600
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), file_mode)
-        if os.path.lexists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        for item in tmp.iterdir():
+            os.chmod(item, file_mode)
+        if out.exists():  # an earlier export of ours (check_export_destination refused anything else)
+            out.rmtree()
+        tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     return out_dir
 
@@ -159,29 +163,28 @@ def check_export_destination(out_dir, overwrite=False, protect=()):
     (the source) is it, holds it or lies inside it. Cheap: export-hf calls it before reading."""
     if storage.is_remote(out_dir):
         return _check_remote_export_destination(out_dir, overwrite, protect)
-    if not os.path.lexists(out_dir):
+    where = storage.path(out_dir)
+    if not (os.path.islink(out_dir) or where.exists()):
         return
     if not overwrite:
         raise EntityClipError(f"{out_dir} exists; choose a new destination or pass --overwrite")
-    protect = [p for p in protect if p]
-    real = os.path.realpath(out_dir)
+    protect = [p for p in protect if p and not storage.is_remote(p)]  # gs:// cannot hold a local out_dir
+    real = storage.resolve(out_dir)
     for path in protect:
-        other = os.path.realpath(path)
+        other = storage.resolve(path)
         if os.path.commonpath([real, other]) in (real, other):
             raise EntityClipError(f"--overwrite refused: {out_dir} is, holds or lies inside {path}, which is "
                                   "being exported; choose a destination outside it")
-    marker = os.path.join(out_dir, EXPORT_MARKER)
-    if os.path.islink(out_dir) or not os.path.isfile(marker):
+    marker = where / EXPORT_MARKER
+    if os.path.islink(out_dir) or not marker.is_file():
         raise EntityClipError(f"--overwrite refused: {out_dir} is not an earlier `entityclip export-hf` "
                               f"directory (no {EXPORT_MARKER}); choose a new destination or remove it yourself")
     try:
-        with open(marker) as f:
-            ours = set(json.load(f)["files"])
+        ours = set(json.loads(marker.read_text())["files"])
     except (ValueError, KeyError, TypeError) as err:
         raise EntityClipError(f"--overwrite refused: {marker} is unreadable ({err}); remove {out_dir} yourself")
-    foreign = sorted(name for name in os.listdir(out_dir)
-                     if name not in ours or not os.path.isfile(os.path.join(out_dir, name))
-                     or os.path.islink(os.path.join(out_dir, name)))
+    foreign = [name for name in storage.listdir(out_dir)
+               if name not in ours or not (where / name).is_file() or os.path.islink(where / name)]
     if foreign:
         raise EntityClipError(f"--overwrite refused: {out_dir} holds files export-hf did not write, e.g. "
                               f"{', '.join(foreign[:3])}; move them away or choose a new destination")
@@ -218,8 +221,8 @@ def upload_export(local_dir, out_dir):
     checked to be ours); its marker goes last, so a directory without it was never completed."""
     target = storage.path(out_dir)
     target.rmtree(missing_ok=True)
-    names = sorted(os.listdir(local_dir))
+    names = storage.listdir(local_dir)
     for name in [n for n in names if n != EXPORT_MARKER] + [EXPORT_MARKER]:
-        storage.copy(os.path.join(local_dir, name), target / name)
+        storage.copy(storage.join(local_dir, name), target / name)
     return out_dir
 

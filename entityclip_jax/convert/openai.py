@@ -4,11 +4,13 @@ authors' release) -> (CLIPConfig, Flax params).
 The architecture is read off the tensor shapes, as OpenAI's build_model does.
 The fused attention projection in_proj_weight [3W, W] splits into q, k, v.
 """
-import os
 import re
 
 import numpy as np
+import safetensors.numpy
 
+from entityclip_jax import storage
+from entityclip_jax.convert.hf import expected_params
 from entityclip_jax.convert.layout import state_dict_to_flax
 from entityclip_jax.convert.torchscript import NotReadable, is_torchscript, read_torchscript_tensors
 from entityclip_jax.errors import EntityClipError
@@ -27,50 +29,52 @@ def read_openai_checkpoint(path, trust_torchscript=False):
     training checkpoints that nest them under state_dict / model_state_dict /
     model, with or without DataParallel's 'module.' prefix. Only
     trust_torchscript lets torch.jit.load run an archive that cannot be read safely.
+    The file may be on gs://: it is read from a local copy.
     """
-    if not os.path.isfile(path):
+    path = str(path)
+    if not storage.path(path).is_file():
         raise EntityClipError(f"{path} is not a file; pass an OpenAI-layout checkpoint (.pt/.pth/.safetensors)")
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        try:
-            tensors = load_file(path)
-        except Exception as err:
-            raise EntityClipError(f"cannot read {path}: {err}") from None
-    elif is_torchscript(path):
-        tensors = _read_torchscript(path, trust_torchscript)
-    else:
-        tensors = _read_torch(path)
+    with storage.local_copy(path) as local:  # torch and safetensors read local files only
+        if path.endswith(".safetensors"):
+            try:
+                tensors = safetensors.numpy.load_file(local)
+            except Exception as err:
+                raise EntityClipError(f"cannot read {path}: {err}") from None
+        elif is_torchscript(local):
+            tensors = _read_torchscript(local, trust_torchscript, shown=path)
+        else:
+            tensors = _read_torch(local, shown=path)
     return {k.removeprefix("module."): np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
 
-def _read_torchscript(path, trust):
+def _read_torchscript(path, trust, shown):
     try:
         return read_torchscript_tensors(path)
     except NotReadable as err:
         if not trust:
             raise EntityClipError(
-                f"{path} is a TorchScript archive whose tensors cannot be read without running its code "
+                f"{shown} is a TorchScript archive whose tensors cannot be read without running its code "
                 f"({err}); use a Hugging Face CLIPModel directory or hub id (e.g. openai/clip-vit-base-patch32) "
-                f"instead, or, only if you trust the file, `entityclip import-openai {path} OUT "
+                f"instead, or, only if you trust the file, `entityclip import-openai {shown} OUT "
                 "--trust-torchscript` and use OUT") from None
-    import torch  # heavy; only for an archive the user said to trust
+    import torch  # lazy: heavy; only for an archive the user said to trust
     try:
         return {k: v.float().numpy() for k, v in torch.jit.load(path, map_location="cpu").state_dict().items()}
     except Exception as err:
-        raise EntityClipError(f"cannot read {path} as a TorchScript archive: {err}") from None
+        raise EntityClipError(f"cannot read {shown} as a TorchScript archive: {err}") from None
 
 
-def _read_torch(path):
-    import torch  # heavy; only for .pt files
+def _read_torch(path, shown):
+    import torch  # lazy: heavy; only for .pt files
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise EntityClipError(f"cannot read {path} as a weights-only state dict: {err}") from None
+        raise EntityClipError(f"cannot read {shown} as a weights-only state dict: {err}") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict):
-        raise EntityClipError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise EntityClipError(f"{shown} holds a {type(obj).__name__}, not a state dict")
     return {k: v.float().numpy() for k, v in obj.items() if hasattr(v, "float")}
 
 
@@ -155,7 +159,6 @@ def openai_to_flax(state_dict, source="checkpoint", allow_extra=False):
     Keys outside the towers are an error unless allow_extra (EntityCLIP release
     checkpoints also hold experts; entityclip_jax.convert.release reads those).
     """
-    from entityclip_jax.convert.hf import expected_params
     towers, extra = split_tower_keys(state_dict)
     if extra and not allow_extra:
         raise EntityClipError(f"{source} has {len(extra)} key(s) outside the CLIP towers, e.g. "

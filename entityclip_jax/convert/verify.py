@@ -1,7 +1,11 @@
 """Check an exported Hugging Face directory against our Flax towers."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.clip import CLIPModel
 
 
 def compare_with_transformers(params, config, hf_dir, batch=2, seed=0, tolerance=1e-4):
@@ -9,12 +13,8 @@ def compare_with_transformers(params, config, hf_dir, batch=2, seed=0, tolerance
 
     Raises when it exceeds tolerance: an export must be the same model.
     """
-    import jax
-    import jax.numpy as jnp
-    import torch
-    import transformers
-
-    from entityclip_jax.models.clip import CLIPModel
+    import torch  # lazy: heavy, only to check an export
+    import transformers  # lazy: heavy, only to check an export
 
     rng = np.random.default_rng(seed)
     t, v = config.text, config.vision
@@ -24,7 +24,8 @@ def compare_with_transformers(params, config, hf_dir, batch=2, seed=0, tolerance
     ids[:, -1] = t.eos_token_id
     pixels = rng.standard_normal((batch, v.image_size, v.image_size, 3)).astype(np.float32)
 
-    model = transformers.CLIPModel.from_pretrained(hf_dir).eval()
+    with storage.local_copy(hf_dir) as local:  # transformers reads local directories only
+        model = transformers.CLIPModel.from_pretrained(local).eval()
     with torch.no_grad():
         theirs = model(input_ids=torch.from_numpy(ids),
                        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))

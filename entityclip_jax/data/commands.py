@@ -1,6 +1,11 @@
 """CLI for the raw-data side: `entityclip tokenizer` (and `entityclip check-source`)."""
 import collections
-import json
+
+from entityclip_jax import storage
+from entityclip_jax.data.example import SkipReport
+from entityclip_jax.data.records import checked_examples
+from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, load_tokenizer
+from entityclip_jax.data.write_command import add_source_arguments, source_examples
 
 
 def configure_tokenizer(parser):
@@ -10,24 +15,18 @@ def configure_tokenizer(parser):
 
 
 def run_tokenizer(args):
-    from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, load_tokenizer
     out = build_hf_tokenizer_files(args.bpe, args.out)
     tokenizer = load_tokenizer(out)
     print(f"wrote {out}: vocab {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint}")
 
 
 def configure_check_source(parser):
-    from entityclip_jax.data.write_command import add_source_arguments
     add_source_arguments(parser)
     parser.add_argument("--report", default=None, help="write the skip report here as JSON")
 
 
 def run_check_source(args):
     """Reads a split as write-records does (images decoded too), and prints counts and skip reasons."""
-    from entityclip_jax.data.example import SkipReport
-    from entityclip_jax.data.records import checked_examples
-    from entityclip_jax.data.write_command import source_examples
-
     report = SkipReport()
     examples = checked_examples(source_examples(args, report), report, max_side=args.max_side,
                                 jpeg_quality=args.jpeg_quality, workers=args.workers)
@@ -41,5 +40,4 @@ def run_check_source(args):
     if any(label is not None for label in labels):
         print(f"labels: {dict(labels.most_common())}")
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
+        storage.write_json_atomic(args.report, summary, indent=1)

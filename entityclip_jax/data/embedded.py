@@ -44,13 +44,14 @@ PHOTOS = [
 def photo_path(package, filename):
     """Where an installed wheel keeps the photo (ImportError if the package is missing)."""
     if package == "skimage":
-        import skimage
-        return os.path.join(os.path.dirname(skimage.__file__), "data", filename)
+        import skimage  # lazy: optional, only its sample photos
+        return os.path.join(os.path.dirname(skimage.__file__), "data", filename)  # not a user path: wheel data
     if package == "sklearn":
-        import sklearn
-        return os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", filename)
+        import sklearn  # lazy: optional, only its sample photos
+        images = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")  # not a user path: wheel data
+        return os.path.join(images, filename)  # not a user path: wheel data
     if package == "matplotlib":
-        import matplotlib.cbook
+        import matplotlib.cbook  # lazy: optional, only its sample photos
         return str(matplotlib.cbook.get_sample_data(filename, asfileobj=False))
     raise ValueError(f"unknown package {package!r}")
 
@@ -63,7 +64,7 @@ def real_photo_records():
             path = photo_path(package, filename)
         except ImportError:
             continue
-        if os.path.exists(path):
+        if os.path.exists(path):  # not a user path: package data inside an installed wheel
             records.append(dict(id=f"photo-{photo_id}", image=path, query=caption, headline=headline,
                                 label=section, explanation=explanation))
     return records

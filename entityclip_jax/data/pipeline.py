@@ -20,6 +20,9 @@ query_ids / explanation_ids [b, L] int32, id / label / headline [b] bytes
 import logging
 import math
 
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
 from entityclip_jax import storage
 from entityclip_jax.data import preprocess, records
 from entityclip_jax.errors import EntityClipError
@@ -63,7 +66,7 @@ def _rewrite_hint(data_dir, split):
 
 def verify_shards(data_dir, split):
     """Reads every record of a split (CRC-checked); returns [(file, problem)] of the damaged shards."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     problems = []
     for shard in _split_meta(records.read_meta(data_dir), data_dir, split)["shards"]:
         path = storage.path(data_dir) / shard["file"]
@@ -90,7 +93,7 @@ def _process_share(shards, process_index, process_count):
 
 
 def _parse(context_length):
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     spec = {"id": tf.io.FixedLenFeature([], tf.string),
             "image": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.string),
@@ -114,9 +117,8 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
       see preprocess.clip_preprocess). Keep it off for evaluation.
     skip_corrupt_shards: skip missing/truncated shards with a warning instead of failing.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     if process_index is None or process_count is None:
-        import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -183,7 +185,7 @@ def _source_of(ds):
 
 def _padding(element_spec):
     """A zero example with mask False, shaped like the real ones."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     pad = {key: tf.zeros(spec.shape, spec.dtype) for key, spec in element_spec.items()}
     pad["mask"] = tf.constant(False)
     return pad
@@ -191,7 +193,7 @@ def _padding(element_spec):
 
 def numpy_batches(ds):
     """Iterates a dataset as dicts of numpy arrays; a corrupt record becomes an EntityClipError."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     iterator = ds.as_numpy_iterator()
     while True:
         try:
@@ -219,9 +221,6 @@ def to_global_arrays(batch, mesh, data_axis_names):
     data_axis_names: mesh axis name (or names) the batch dimension is split over.
     String fields (id, label) stay on the host and are left out.
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
     axes = (data_axis_names,) if isinstance(data_axis_names, str) else tuple(data_axis_names)
     arrays = {}
     for name, value in batch.items():

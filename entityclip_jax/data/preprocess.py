@@ -16,6 +16,8 @@ light code paths too.
 """
 import io
 
+from PIL import Image, ImageOps
+
 from entityclip_jax.models.clip_pixels import normalize  # the towers' input contract
 
 _EXIF_ORIENTATION = 0x0112
@@ -27,7 +29,6 @@ def exif_upright(image):
     TensorFlow's decoders ignore EXIF, so records and search indexes store and
     read upright pixels instead: this is the one place both apply it.
     """
-    from PIL import ImageOps
     if image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1):
         return image, False
     return ImageOps.exif_transpose(image), True
@@ -35,7 +36,6 @@ def exif_upright(image):
 
 def upright_image_bytes(data, jpeg_quality=90):
     """Encoded image bytes -> the same bytes, or an upright re-encoding when EXIF turns the image."""
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as image:
             turned, changed = exif_upright(image)
@@ -53,7 +53,7 @@ def upright_image_bytes(data, jpeg_quality=90):
 
 def read_image_file(path):
     """tf.io.read_file with the EXIF orientation applied (a tf.string scalar), for tf.data maps."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     data = tf.numpy_function(upright_image_bytes, [tf.io.read_file(path)], tf.string, stateful=False)
     data.set_shape([])
     return data
@@ -61,7 +61,7 @@ def read_image_file(path):
 
 def resized_short_side(height, width, size):
     """(new_height, new_width) with the short side = size, as transformers computes it."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     height, width = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
     short, long = tf.minimum(height, width), tf.maximum(height, width)
     new_long = tf.cast(tf.math.floor(size * long / short), tf.int32)
@@ -78,7 +78,7 @@ def decode(image_bytes, dct_min_side=None):
     (DCT scaling: a cheaper decode and a smaller image to resize) while the
     short side stays >= this.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
 
     def jpeg(ratio):
         return tf.io.decode_jpeg(image_bytes, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
@@ -101,7 +101,7 @@ def decode(image_bytes, dct_min_side=None):
 
 def _to_uint8_range(image):
     """Round and clip a resized float image like PIL's uint8 output."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
@@ -111,7 +111,7 @@ def center_crop_image(image, image_size, fast=False):
     fast: skip antialiasing when the shrink is below 2x (TF's antialiased resize
     costs ~4x the plain bicubic one; DCT-scaled decoding leaves a shrink < 2x).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     shape = tf.shape(image)
     new_h, new_w = resized_short_side(shape[0], shape[1], image_size)
     new_size = tf.stack([new_h, new_w])
@@ -135,7 +135,7 @@ def random_resized_crop_image(image_bytes, image_size, seed, scale=(0.08, 1.0), 
     Returns float32 [s, s, 3] in 0..255. JPEGs decode only the box. `seed` is a
     stateless seed (int32/int64 tensor of shape [2]).
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     is_jpeg = tf.io.is_jpeg(image_bytes)
     full = tf.cond(is_jpeg, lambda: tf.zeros([0, 0, 3], tf.uint8), lambda: decode(image_bytes))
     shape = tf.cond(is_jpeg, lambda: tf.io.extract_jpeg_shape(image_bytes), lambda: tf.shape(full))
@@ -164,7 +164,7 @@ def clip_preprocess(image_bytes, image_size=224, *, normalize_on_host=True, dct_
     is below 2x. About 2-3x cheaper; differs from CLIPImageProcessor by ~0.03 mean
     (normalised units) instead of ~0.002. Meant for training, not for evaluation.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
     if random_crop_seed is None:
         image = decode(image_bytes, image_size if dct_scaling else None)
         pixels = center_crop_image(image, image_size, fast=dct_scaling)

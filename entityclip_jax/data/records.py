@@ -35,6 +35,10 @@ import multiprocessing.connection
 import os
 import threading
 
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
 from entityclip_jax import storage
 from entityclip_jax.data.preprocess import exif_upright
 from entityclip_jax.errors import EntityClipError
@@ -50,8 +54,7 @@ _CHUNK = 64  # examples per worker task: big enough to amortise pickling, small 
 
 def features(context_length=CONTEXT_LENGTH):
     """The record schema as a tfds.features.FeaturesDict."""
-    import numpy as np
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: heavy (TensorFlow), only for the schema
     spec = {name: tfds.features.Text() for name in TEXT_FIELDS}
     spec["image"] = tfds.features.Image(shape=(None, None, 3))
     for name in TOKEN_FIELDS:
@@ -74,7 +77,6 @@ def check_image(data, max_side=None, jpeg_quality=90):
     are images whose longer side exceeds max_side (resized to max_side, bicubic)
     and images that EXIF turns (phone photos; stored upright, TF ignores EXIF).
     """
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
@@ -231,7 +233,7 @@ def read_meta(data_dir):
 
 def _write_tfds_metadata(out_dir, meta):
     """dataset_info.json + features.json for every non-empty split, so tfds can read the directory."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: heavy (TensorFlow), only for the metadata
     split_infos = [tfds.core.SplitInfo(name=name, shard_lengths=[s["num_examples"] for s in info["shards"]],
                                        num_bytes=info["num_bytes"])
                    for name, info in sorted(meta["splits"].items()) if info["shards"]]
@@ -260,8 +262,7 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
     Rewriting an existing split replaces it; other splits in out_dir are kept,
     but they must have been written with the same tokenizer and context length.
     """
-    import tensorflow as tf
-    from tqdm import tqdm
+    import tensorflow as tf  # lazy: heavy; image-checking workers import this module without it
 
     if not str(split).replace("_", "").isalnum():
         raise EntityClipError(f"split name {split!r} must be letters, digits or '_' (it goes into file names)")

@@ -8,9 +8,11 @@ photo needs exactly the bridge that EntityCLIP's explanations provide, which is
 what the demo and the training tests measure.
 """
 import json
-import os
 
 import numpy as np
+from PIL import Image
+
+from entityclip_jax import storage
 
 # name, section (the label for zero-shot classification), colour, shape, who/what it is
 ENTITIES = [
@@ -86,15 +88,15 @@ def synthetic_examples(num_examples, seed=0, image_size=64, id_prefix="syn"):
 
 def write_synthetic_dataset(root, num_examples, seed=0, image_size=64, filename="data.jsonl", id_prefix="syn"):
     """Writes JPEGs under root/images and a JSONL of {id, image, query, explanation,
-    headline, label} (the generic JSONL source layout). Returns the JSONL path."""
-    from PIL import Image
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
-    path = os.path.join(root, filename)
-    with open(path, "w") as f:
+    headline, label} (the generic JSONL source layout), local or on gs://. Returns the JSONL path."""
+    storage.path(root).joinpath("images").mkdir(parents=True, exist_ok=True)
+    path = storage.join(root, filename)
+    with storage.open(path, "w") as f:
         for example_id, image, query, explanation, headline, label in synthetic_examples(
                 num_examples, seed, image_size, id_prefix):
-            relative = os.path.join("images", f"{example_id}.jpg")
-            Image.fromarray(image).save(os.path.join(root, relative), quality=92)
+            relative = f"images/{example_id}.jpg"
+            with storage.open(storage.join(root, relative), "wb") as image_file:
+                Image.fromarray(image).save(image_file, format="JPEG", quality=92)
             f.write(json.dumps(dict(id=example_id, image=relative, query=query, explanation=explanation,
                                     headline=headline, label=label)) + "\n")
     return path

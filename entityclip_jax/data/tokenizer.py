@@ -21,9 +21,6 @@ import gzip
 import hashlib
 import html
 import json
-import os
-import pathlib
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +28,9 @@ import zipfile
 
 import ftfy
 import numpy as np
+from tokenizers import Tokenizer
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
 
@@ -39,7 +38,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 OPENAI_BPE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 OPENAI_NUM_MERGES = 49152 - 256 - 2  # what OpenAI's simple_tokenizer keeps
-DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "entityclip_jax"
+DEFAULT_CACHE = storage.join("~", ".cache", "entityclip_jax")
 STYLES = ("openai", "transformers")
 OPENAI_PAD_ID = 0  # clip.tokenize's zeros after EOT
 
@@ -141,17 +140,17 @@ def load_tokenizer(path, style="openai"):
 
     style: "openai" (clip.tokenize: cleaned text, 0 padding) or "transformers" (module docstring).
     """
-    path = pathlib.Path(resolve_checkpoint(str(path))).expanduser()
+    spec = resolve_checkpoint(str(path))
+    path = storage.path(spec)
     if path.is_file() and path.name.endswith(".gz"):
         with tempfile.TemporaryDirectory() as tmp:
-            build_hf_tokenizer_files(path, tmp)
+            build_hf_tokenizer_files(spec, tmp)
             return load_tokenizer(tmp, style)
     if not path.is_dir():
         raise EntityClipError(f"tokenizer path {path} does not exist; give a Hugging Face CLIP checkpoint "
                               f"directory (tokenizer.json, or vocab.json + merges.txt) or {OPENAI_BPE_NAME}")
     if (path / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        backend = Tokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
     elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         backend = _clip_backend(path)
     else:
@@ -162,10 +161,16 @@ def load_tokenizer(path, style="openai"):
 
 
 def _clip_backend(directory):
-    """The fast CLIP pipeline exactly as transformers builds it from vocab.json + merges.txt."""
-    import transformers
+    """The fast CLIP pipeline exactly as transformers builds it from vocab.json + merges.txt
+    (of a local or gs:// directory: only those two files are read)."""
+    import transformers  # lazy: heavy, only for a directory without tokenizer.json
     fast = getattr(transformers, "CLIPTokenizerFast", transformers.CLIPTokenizer)  # one class since v5
-    return fast.from_pretrained(str(directory)).backend_tokenizer
+    if not storage.is_remote(directory):
+        return fast.from_pretrained(str(directory)).backend_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:  # transformers reads local files only
+        for name in ("vocab.json", "merges.txt"):
+            storage.copy(storage.join(directory, name), storage.join(tmp, name))
+        return fast.from_pretrained(tmp).backend_tokenizer
 
 
 def bytes_to_unicode():
@@ -187,8 +192,7 @@ def bytes_to_unicode():
 def openai_vocab_and_merges(bpe_gz_path):
     """vocab dict and merges list as OpenAI's simple_tokenizer.SimpleTokenizer builds them."""
     try:
-        with gzip.open(bpe_gz_path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        lines = gzip.decompress(storage.path(bpe_gz_path).read_bytes()).decode("utf-8").split("\n")
     except (OSError, EOFError, UnicodeDecodeError) as err:
         raise EntityClipError(f"cannot read {bpe_gz_path} as OpenAI's gzipped BPE merges file: {err}")
     merges = [tuple(line.split()) for line in lines[1:OPENAI_NUM_MERGES + 1]]
@@ -202,9 +206,16 @@ def openai_vocab_and_merges(bpe_gz_path):
 
 def build_hf_tokenizer_files(bpe_gz_path, out_dir):
     """Writes vocab.json, merges.txt, tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json that transformers' CLIPTokenizer(Fast) loads."""
+    special_tokens_map.json that transformers' CLIPTokenizer(Fast) loads. out_dir may be on gs://
+    (built locally, then copied up)."""
     vocab, merges = openai_vocab_and_merges(bpe_gz_path)
-    out = pathlib.Path(out_dir)
+    out = storage.path(out_dir)
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            build_hf_tokenizer_files(bpe_gz_path, tmp)
+            for name in storage.listdir(tmp):
+                storage.copy(storage.join(tmp, name), out / name)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").unlink(missing_ok=True)  # a stale one would win over the new vocab/merges
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -223,7 +234,7 @@ def build_hf_tokenizer_files(bpe_gz_path, out_dir):
 def ensure_openai_vocab(cache_dir=None):
     """Path to OpenAI's bpe_simple_vocab_16e6.txt.gz, taken once from the open_clip_torch
     wheel (`pip download --no-deps`, never installed) and cached."""
-    cache = pathlib.Path(cache_dir or DEFAULT_CACHE).expanduser()
+    cache = storage.path(cache_dir or DEFAULT_CACHE)
     target = cache / OPENAI_BPE_NAME
     if target.is_file():
         return target
@@ -235,7 +246,7 @@ def ensure_openai_vocab(cache_dir=None):
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as err:
             raise EntityClipError(f"could not run pip to fetch open_clip_torch: {err}")
-        wheels = list(pathlib.Path(tmp).glob("open_clip_torch-*.whl"))
+        wheels = sorted(storage.path(tmp).glob("open_clip_torch-*.whl"))
         if result.returncode != 0 or not wheels:
             raise EntityClipError("pip could not download the open_clip_torch wheel "
                                   f"({result.stderr.strip()[-300:]}); copy {OPENAI_BPE_NAME} to {target}")
@@ -243,9 +254,5 @@ def ensure_openai_vocab(cache_dir=None):
             members = [n for n in wheel.namelist() if n.endswith("/" + OPENAI_BPE_NAME)]
             if not members:
                 raise EntityClipError(f"{wheels[0].name} holds no {OPENAI_BPE_NAME}")
-            partial = target.with_suffix(".partial")
-            with wheel.open(members[0]) as src, open(partial, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(partial, target)  # atomic: a half-written cache file never looks complete
+            storage.write_bytes_atomic(target, wheel.read(members[0]))  # never a half-written cache file
     return target
-

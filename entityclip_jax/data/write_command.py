@@ -6,6 +6,14 @@ its counts are what write-records writes.
 """
 import os
 
+from entityclip_jax.data.example import SkipReport
+from entityclip_jax.data.records import write_split
+from entityclip_jax.data.sources import read_source
+from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc, release_capdsc_path
+from entityclip_jax.data.tokenizer import load_tokenizer
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.explain.cache import read_explanations
+
 SOURCES = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
 
 
@@ -43,7 +51,6 @@ def configure(parser):
 
 
 def _options(pairs):
-    from entityclip_jax.errors import EntityClipError
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -55,13 +62,8 @@ def _options(pairs):
 
 def source_examples(args, report):
     """The split's RawExamples with explanations attached, as add_source_arguments' flags say."""
-    from entityclip_jax.data.sources import read_source
-    from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc, release_capdsc_path
-    from entityclip_jax.errors import EntityClipError
-
     by_id, by_query = {}, {}
     if args.explanations:
-        from entityclip_jax.explain.cache import read_explanations
         by_id, by_query = read_explanations(args.explanations)
     capdsc = args.capdsc
     if capdsc == "auto":
@@ -75,9 +77,6 @@ def source_examples(args, report):
 
 def run(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
-    from entityclip_jax.data.example import SkipReport
-    from entityclip_jax.data.records import write_split
-    from entityclip_jax.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_style)
     report = SkipReport()

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entityclip_jax import storage
 from entityclip_jax.models.mmae import dense, layer_norm
 
 
@@ -58,9 +59,9 @@ def top_words(words, k=5, stopwords=frozenset({"a", "an", "the", "of", "in", "wi
 
 def draw_attention(image, query, image_words, query_words, out_png, title="explanation expert"):
     """A PNG: the photo with the top words its patches attend to, and the query with its own."""
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s to import, only for plots; pyplot needs Agg chosen first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see above
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     axes[0].imshow(np.asarray(image))
@@ -74,6 +75,7 @@ def draw_attention(image, query, image_words, query_words, out_png, title="expla
         ax.set_xlabel("attention mass")
     fig.suptitle(f"{title}\nquery: {query}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    with storage.open(out_png, "wb") as f:  # a file object: matplotlib would open a gs:// name locally
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return out_png

@@ -73,9 +73,9 @@ def per_class_accuracy(matrix):
 
 def plot_confusion_matrix(matrix, class_names, path, *, title=None):
     """PNG heat map of the row-normalised matrix, counts written in the cells."""
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s to import, only for plots; pyplot needs Agg chosen first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see above
 
     matrix = np.asarray(matrix)
     num_classes = len(class_names)

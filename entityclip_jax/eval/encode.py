@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.train import sharding
 
 
@@ -59,8 +60,6 @@ def clip_encoders(model, params, mesh=None):
     text attention mask: CLIP's text tower is causal, so the padding after EOT
     never reaches the EOT feature.
     """
-    from entityclip_jax.models.clip import CLIPModel
-
     mesh = mesh or sharding.make_mesh((("data", -1),), jax.local_devices())
     params = jax.device_put(params, sharding.replicated(mesh))
 

@@ -44,9 +44,9 @@ def markdown_table(metrics, *, title=None):
 
 def plot_recall_at_k(metrics, path, *, title=None):
     """Recall (%) against K (log axis), one line per direction."""
-    import matplotlib
+    import matplotlib  # lazy: ~0.5 s to import, only for plots; pyplot needs Agg chosen first
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: see above
 
     ks = recall_ks(metrics)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)

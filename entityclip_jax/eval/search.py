@@ -13,12 +13,15 @@ import dataclasses
 import hashlib
 import io
 import json
-import pathlib
+import os
 import textwrap
 
+import jax
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from entityclip_jax import storage
+from entityclip_jax.data.preprocess import clip_preprocess, read_image_file
 from entityclip_jax.errors import EntityClipError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")   # what tf.io.decode_image reads
@@ -36,7 +39,6 @@ class SearchIndex:
 
 def model_fingerprint(params):
     """sha256 (16 hex digits) of every parameter's name, shape, dtype and bytes."""
-    import jax
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
@@ -118,14 +120,12 @@ def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=1
     """A PNG grid of the hits: the query as title, rank and score under each thumbnail.
 
     images: file paths, PIL images or uint8 [h, w, 3] arrays; an image that
-    cannot be opened is drawn as a grey tile saying so.
+    cannot be opened is drawn as a grey tile saying so. out_png may be on gs://; returns it.
     """
-    from PIL import Image, ImageDraw
-
     if len(images) == 0 or len(images) != len(scores):
         raise EntityClipError(f"need one score per image and at least one image; got {len(images)} images "
                               f"and {len(scores)} scores")
-    captions = captions or [pathlib.Path(str(i)).name if isinstance(i, (str, pathlib.Path)) else "" for i in images]
+    captions = captions or [storage.path(i).name if isinstance(i, (str, os.PathLike)) else "" for i in images]
     font, title_font = _font(13), _font(17)
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
@@ -143,19 +143,17 @@ def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=1
         sheet.paste(_thumbnail(image, thumb_size), (left, top))
         draw.text((left, top + thumb_size + 2), f"#{n + 1}  score {float(score):.3f}", fill="black", font=font)
         draw.text((left, top + thumb_size + 18), _fit(caption, thumb_size // 7), fill="dimgray", font=font)
-    out_png = pathlib.Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_png, format="PNG")
-    return out_png
+    storage.path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    with storage.open(out_png, "wb") as f:  # a file object: PIL would open a gs:// name locally
+        sheet.save(f, format="PNG")
+    return str(out_png)
 
 
 def find_images(directory):
-    """Image files under directory (recursively), sorted, as absolute paths."""
-    directory = pathlib.Path(directory).expanduser()
-    if not directory.is_dir():
+    """Image files under directory (recursively, local or gs://), sorted, as absolute real paths."""
+    if not storage.path(directory).is_dir():
         raise EntityClipError(f"{directory} is not a directory of images")
-    paths = sorted(str(p.resolve()) for p in directory.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(storage.resolve(p) for p in storage.files(directory) if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise EntityClipError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
     return paths
@@ -167,9 +165,7 @@ def image_folder_batches(paths, image_size, batch_size):
     Files that do not decode are skipped (the caller counts them: paths minus
     encoded ids). The last batch is padded to batch_size with mask=False rows.
     """
-    import tensorflow as tf
-
-    from entityclip_jax.data.preprocess import clip_preprocess, read_image_file
+    import tensorflow as tf  # lazy: heavy, only to index a folder of images
 
     def load(path):
         return path, clip_preprocess(read_image_file(path), image_size)
@@ -190,10 +186,9 @@ def image_folder_batches(paths, image_size, batch_size):
 
 
 def _thumbnail(image, size):
-    from PIL import Image, ImageDraw, ImageOps
     try:
-        if isinstance(image, (str, pathlib.Path)):
-            with Image.open(image) as opened:
+        if isinstance(image, (str, os.PathLike)):
+            with storage.open(image, "rb") as f, Image.open(f) as opened:
                 picture = opened.convert("RGB")
         elif isinstance(image, Image.Image):
             picture = image.convert("RGB")
@@ -210,7 +205,6 @@ def _thumbnail(image, size):
 
 
 def _font(size):
-    from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
     except TypeError:   # Pillow < 10.1: one fixed-size bitmap font

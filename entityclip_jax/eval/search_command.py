@@ -4,10 +4,16 @@
   entityclip search-index --checkpoint C --records DIR --split test --out INDEX.npz
   entityclip search --checkpoint C --index INDEX.npz --query "..." -k 5 --sheet hits.png
 """
-import pathlib
-
 from entityclip_jax import storage
+from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.data.pipeline import make_dataset, numpy_batches, split_size
+from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.eval.encode import clip_encoders, encode_dataset
+from entityclip_jax.eval.search import (build_index, contact_sheet, find_images, image_folder_batches, load_index,
+                                        model_fingerprint, query_index)
+from entityclip_jax.hub import resolve_checkpoint
+from entityclip_jax.models.clip import CLIPModel
 
 
 def configure_search_index(parser):
@@ -24,9 +30,6 @@ def configure_search_index(parser):
 
 
 def run_search_index(args):
-    from entityclip_jax.eval.encode import encode_dataset
-    from entityclip_jax.eval.search import build_index, find_images, image_folder_batches, model_fingerprint
-
     model, params, config = _load(args.checkpoint)
     if args.batch_size < 1:
         raise EntityClipError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -35,10 +38,9 @@ def run_search_index(args):
     if args.images:
         paths = find_images(args.images)
         batches = image_folder_batches(paths, image_size, args.batch_size)
-        source = {"kind": "folder", "directory": str(pathlib.Path(args.images).resolve())}
+        source = {"kind": "folder", "directory": storage.resolve(args.images)}
         total = len(paths)
     else:
-        from entityclip_jax.data.pipeline import make_dataset, numpy_batches, split_size
         dataset = make_dataset(args.records, args.split, batch_size=args.batch_size, image_size=image_size,
                                train=False, process_index=0, process_count=1)
         batches = numpy_batches(dataset)
@@ -66,8 +68,6 @@ def configure_search(parser):
 
 
 def run_search(args):
-    from entityclip_jax.eval.search import contact_sheet, load_index, model_fingerprint, query_index
-
     index = load_index(args.index)
     model, params, config = _load(args.checkpoint)
     tokenizer = _tokenizer(args.tokenizer, args.checkpoint)
@@ -87,40 +87,32 @@ def run_search(args):
 
 
 def _load(checkpoint):
-    from entityclip_jax.checkpoints import load_towers
-    from entityclip_jax.models.clip import CLIPModel
-
     config, params = load_towers(checkpoint)
     return CLIPModel(config), params, config
 
 
 def _encoders(model, params):
-    from entityclip_jax.eval.encode import clip_encoders
     return clip_encoders(model, params)
 
 
 def _tokenizer(tokenizer_path, checkpoint):
-    from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
-    from entityclip_jax.hub import resolve_checkpoint
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
-    checkpoint = pathlib.Path(resolve_checkpoint(checkpoint))  # a hub model's own tokenizer files
+    checkpoint = storage.path(resolve_checkpoint(checkpoint))  # a hub model's or a gs:// export's own files
     if (checkpoint / "tokenizer.json").is_file() or (checkpoint / "vocab.json").is_file():
-        return load_tokenizer(checkpoint)
+        return load_tokenizer(str(checkpoint))
     return load_tokenizer(ensure_openai_vocab())
 
 
 def _sheet_path(sheet, number, count):
-    sheet = pathlib.Path(sheet)
-    return sheet if count == 1 else sheet.with_name(f"{sheet.stem}_{number}{sheet.suffix or '.png'}")
+    sheet = storage.path(sheet)
+    return str(sheet) if count == 1 else str(sheet.with_name(f"{sheet.stem}_{number}{sheet.suffix or '.png'}"))
 
 
 def _hit_images(index, hits):
     """What to draw for each hit: the file, or for records the preprocessed image found by id."""
     if index.source.get("kind") != "records":
         return list(hits), None
-    from entityclip_jax.data.pipeline import make_dataset, numpy_batches
-
     wanted, found = set(hits), {}
     dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=64,
                            image_size=index.source.get("image_size", 224),

@@ -42,7 +42,7 @@ def iter_records(path):
     """Yields the parsed records in file order; skips a torn or corrupt line."""
     if not storage.path(path).exists():
         return
-    with storage.path(path).open("rb") as f:  # a local file or gs:// (read-only there)
+    with storage.open(path, "rb") as f:  # a local file or gs:// (read-only there)
         for line in f:
             record = _record(line)
             if record is not None:
@@ -83,9 +83,9 @@ def read_explanations(path, *, model=None, prompt_version=None):
 
 def repair_torn_tail(path):
     """Cuts a torn last line (no trailing newline) left by a killed writer."""
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         return 0
-    with open(path, "rb+") as f:
+    with storage.open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
             return 0
@@ -122,13 +122,12 @@ class CacheWriter:
             raise EntityClipError(f"the explanation cache {path} must be a local file (it is appended and synced "
                                   "record by record); write it locally, then copy it to the bucket "
                                   "(gcloud storage cp) and pass that gs:// path to write-records")
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
+        storage.path(path).parent.mkdir(parents=True, exist_ok=True)
         self.torn_bytes = repair_torn_tail(path)
         self.path = path
         self.sync_every = sync_every
         self._pending = 0
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = storage.open(path, "a")
 
     def write(self, record):
         # Each record reaches the OS at once (a killed process loses none);

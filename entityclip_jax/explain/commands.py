@@ -1,11 +1,18 @@
 """`entityclip explain` and `entityclip explain-import`."""
 import itertools
 import json
-import os
 import signal
 import sys
 
+from entityclip_jax import storage
+from entityclip_jax.data.example import SkipReport
+from entityclip_jax.data.sources import read_source
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend
+from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
+from entityclip_jax.explain.prompts import load_prompt
+from entityclip_jax.explain.release import import_capdsc
+from entityclip_jax.explain.runner import generate_explanations
 
 SOURCE_KINDS = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
 
@@ -68,9 +75,9 @@ def configure_explain_import(parser):
 
 
 def _read_queries_jsonl(path, report):
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise EntityClipError(f"--queries {path} not found; give a JSONL file with one {{\"id\", \"query\"}} per line")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with storage.open(path, errors="replace") as f:  # local or gs://
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -84,7 +91,6 @@ def _read_queries_jsonl(path, report):
 def _examples(args, report):
     if not (args.root and args.source):
         raise EntityClipError("--source needs --root DIR (and --split, default train)")
-    from entityclip_jax.data.sources import read_source
     return read_source(args.source, args.root, args.split, report)
 
 
@@ -102,13 +108,11 @@ def _queries(args, report):
 
 def _backend(args):
     if args.backend == "http":
-        from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend
         return OpenAIHTTPBackend(args.base_url, args.model, api_key_env=args.api_key_env,
                                  connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                                  request_timeout=args.request_timeout,
                                  retries=args.retries, backoff_base=args.backoff_base,
                                  backoff_max=args.backoff_max, temperature=args.temperature)
-    from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
     return TransformersBackend(args.model_path, batch_size=args.batch_size, device=args.device,
                                model_name=args.model_name, convert_cache=not args.no_gguf_cache)
 
@@ -122,10 +126,6 @@ def run_explain(args):
 
 
 def _explain(args):
-    from entityclip_jax.data.example import SkipReport
-    from entityclip_jax.explain.prompts import load_prompt
-    from entityclip_jax.explain.runner import generate_explanations
-
     style = args.prompt_style or ("chat" if args.backend == "http" else "completion")
     prompt = load_prompt(args.prompt, chat=style == "chat", name=args.prompt_name)
     report = SkipReport()
@@ -145,7 +145,7 @@ def _explain(args):
         for record_id, reason in report.items[:10]:
             print(f"  skipped {record_id}: {reason}", file=sys.stderr)
     if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
+        with storage.open(args.summary_json, "w") as f:
             json.dump({**summary.to_dict(), "prompt_version": prompt.version, "model": backend.model,
                        "input": report.to_dict()}, f, indent=2)
     if summary.stopped == "interrupted":
@@ -154,9 +154,6 @@ def _explain(args):
 
 
 def run_explain_import(args):
-    from entityclip_jax.data.example import SkipReport
-    from entityclip_jax.explain.release import import_capdsc
-
     report = SkipReport()
     examples = _examples(args, report) if args.source else None
     counts = import_capdsc(args.capdsc, args.out, examples)

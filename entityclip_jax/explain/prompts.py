@@ -6,8 +6,8 @@ hash of the text, is part of the cache key: editing a template regenerates.
 """
 import dataclasses
 import hashlib
-import os
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 PLACEHOLDER = "{query}"
@@ -71,17 +71,25 @@ def load_prompt(spec=None, *, chat, name=None):
     default = INSTRUCTION if chat else FEW_SHOT
     if spec is None:
         return default
-    if os.path.isfile(spec):
-        with open(spec, encoding="utf-8") as f:
-            template = f.read()
+    from_file = _is_file(spec)
+    if from_file:
+        template = storage.path(spec).read_text(encoding="utf-8")
         # Editors add a final newline; a base-model prompt must end right at the answer.
         template = template.rstrip("\n") if not chat else template.strip()
-        name = name or os.path.splitext(os.path.basename(spec))[0]
+        name = name or storage.path(spec).stem
     else:
         template = spec
         name = name or "custom"
     if PLACEHOLDER not in template:
-        source = f"file {spec}" if os.path.isfile(spec) else "--prompt string"
+        source = f"file {spec}" if from_file else "--prompt string"
         raise EntityClipError(f"prompt {source} has no {PLACEHOLDER} placeholder; put {PLACEHOLDER} "
                               "where the caption goes (or pass a path to an existing template file)")
     return Prompt(name, template, chat=chat, stop=default.stop)
+
+
+def _is_file(spec):
+    """spec names a template file (local or gs://); a template string is no file name."""
+    try:
+        return storage.path(spec).is_file()
+    except (OSError, ValueError):  # e.g. a long template string is too long a file name
+        return False

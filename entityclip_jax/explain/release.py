@@ -9,6 +9,7 @@ RELEASE_MODEL and prompt_version RELEASE_PROMPT; importing twice writes nothing 
 """
 import collections
 
+from entityclip_jax.data.sources.explanations import path_tails, read_capdsc
 from entityclip_jax.explain import cache
 
 RELEASE_MODEL = "entityclip-release-mistral"
@@ -17,13 +18,11 @@ RELEASE_PROMPT = "release-capdsc"
 
 def _full_keys(index):
     """The file's own keys: read_capdsc's index also holds their path tails."""
-    from entityclip_jax.data.sources.explanations import path_tails
     tails = {tail for key in index for tail in path_tails(key) if tail != key}
     return [key for key in index if key not in tails]
 
 
 def _pairs_from_source(index, examples, counts):
-    from entityclip_jax.data.sources.explanations import path_tails
     for example in examples:
         keys = [example.id]
         if example.image_path:
@@ -37,8 +36,6 @@ def _pairs_from_source(index, examples, counts):
 
 def import_capdsc(capdsc_path, cache_path, examples=None):
     """Writes one "ok" record per matched id; returns counts (imported, already_cached, ...)."""
-    from entityclip_jax.data.sources.explanations import read_capdsc
-
     index = read_capdsc(capdsc_path)
     counts = collections.Counter()
     if examples is None:

@@ -12,6 +12,8 @@ import concurrent.futures
 import dataclasses
 import time
 
+from tqdm import tqdm
+
 from entityclip_jax.explain import cache, quality
 
 
@@ -172,8 +174,6 @@ def generate_explanations(queries, cache_path, backend, prompt, *, concurrency=1
 
 def _run(todo, ids_by_query, backend, prompt, writer, record, summary, *, concurrency, max_new_tokens,
          progress, quality_retries, max_consecutive_failures):
-    from tqdm import tqdm
-
     batch_size = max(1, getattr(backend, "batch_size", 1))
     batches = iter([todo[i:i + batch_size] for i in range(0, len(todo), batch_size)])
     pool = concurrent.futures.ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="explain")

@@ -9,18 +9,17 @@ Files are decoded with errors="surrogateescape", so invalid UTF-8 bytes survive
 as lone surrogates and are caught per record instead of failing a whole file.
 """
 import json
-import os
-import pathlib
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 
 
 def dataset_root(root, dataset, layout):
-    """The dataset root as a real (symlink-resolved) path; refuses a missing one."""
-    path = pathlib.Path(root).expanduser()
+    """The dataset root (local or gs://) as a real (symlink-resolved) epath; refuses a missing one."""
+    path = storage.path(root)
     if not path.is_dir():
         raise EntityClipError(f"{dataset} root {path} is not a directory; expected the layout: {layout}")
-    return pathlib.Path(os.path.realpath(path))
+    return storage.path(storage.resolve(path))
 
 
 def canonical_split(split, aliases, dataset):
@@ -41,7 +40,7 @@ def first_existing(paths, what, layout):
 
 
 def read_text(path):
-    return pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    return storage.path(path).read_bytes().decode("utf-8", errors="surrogateescape")
 
 
 def load_json(path, layout):
@@ -94,22 +93,27 @@ def resolve_image(root, path_text, report, record_id, bases=(".",)):
     if not isinstance(path_text, str) or not path_text.strip():
         report.skip(record_id, "bad_record: no image path")
         return None
-    if os.path.isabs(path_text):
-        candidates = [pathlib.Path(path_text)]
+    if storage.is_absolute(path_text):
+        candidates = [path_text]
     else:
-        candidates = [pathlib.Path(root, base, path_text) for base in dict.fromkeys(bases)]
+        candidates = [storage.join(root, base, path_text) for base in dict.fromkeys(map(str, bases))]
     escaped = None
     for candidate in candidates:
-        real = os.path.realpath(candidate)
-        if os.path.commonpath([real, str(root)]) != str(root):
+        real = storage.resolve(candidate)
+        if not _inside(real, str(root)):
             escaped = escaped or candidate
-        elif os.path.isfile(real):
+        elif storage.path(real).is_file():
             return real
     if escaped is not None:
         report.skip(record_id, f"path_escapes_root: {path_text} resolves outside {root}")
     else:
         report.skip(record_id, f"missing_image: {candidates[0]}")
     return None
+
+
+def _inside(path, root):
+    """path is root or lies below it (both resolved; gs://b/x is not inside gs://b/xy)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 class UniqueIds:

@@ -14,10 +14,11 @@ key written as an absolute path on another machine still finds our image.
 """
 import dataclasses
 import os
-import pathlib
 
+from entityclip_jax import storage
 from entityclip_jax.data.sources import checks
 from entityclip_jax.errors import EntityClipError
+from entityclip_jax.explain.cache import read_explanations
 
 POLICIES = ("empty", "skip", "error")
 TAIL_DEPTH = 4  # "bbc/images/0013/123.jpg": VisualNews file names repeat across outlets
@@ -33,7 +34,7 @@ def read_capdsc(path):
     """{key: explanation} from a CapDsc_*.json file, indexed by the full key and by
     its last 1..4 path components (basename included). A tail shared by two keys
     with different explanations is ambiguous and left out; the full keys stay."""
-    path = pathlib.Path(path)
+    path = storage.path(path)
     if not path.is_file():
         raise EntityClipError(f"CapDsc file {path} not found; the EntityCLIP release ships "
                               "CapDsc_mistral_{split}.json (a JSON object {image name or path: explanation})")
@@ -61,13 +62,12 @@ def read_capdsc(path):
 
 def read_explanation_cache(path):
     """(by_id, by_query) of the status-"ok" explanations in the project's JSONL cache."""
-    from entityclip_jax.explain.cache import read_explanations
     return read_explanations(str(path))
 
 
 def release_capdsc_path(kind, root, split):
     """Where the EntityCLIP release keeps the CapDsc file of a split (None: none there)."""
-    root = pathlib.Path(root)
+    root = storage.path(root)
     split = {"val": "dev", "validation": "dev"}.get(split, split) if kind == "n24news" else \
         {"dev": "val", "validation": "val"}.get(split, split)
     candidates = {

@@ -8,8 +8,8 @@ file=PATH (relative to ROOT or absolute) names another one.
 """
 import csv
 import json
-import pathlib
 
+from entityclip_jax import storage
 from entityclip_jax.data.example import RawExample
 from entityclip_jax.data.sources import checks
 from entityclip_jax.errors import EntityClipError
@@ -20,7 +20,7 @@ IMAGE_FIELDS, QUERY_FIELDS, HEADLINE_FIELDS = ("image", "image_path"), ("query",
 def _source_file(root, split, file, suffix, kind):
     layout = f"ROOT/{{split}}{suffix} with fields image, query and optional id, label, headline, explanation"
     root = checks.dataset_root(root, kind, layout)
-    path = pathlib.Path(root, file) if file else root / f"{split}{suffix}"
+    path = storage.path(storage.join(root, file)) if file else root / f"{split}{suffix}"
     return root, checks.first_existing([path], f"{kind} file", layout)
 
 
@@ -31,7 +31,7 @@ def read_jsonl(root, split, report, file=None):
 
 def _jsonl_examples(root, path, report):
     ids = checks.UniqueIds()
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with storage.open(path, errors="surrogateescape") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -50,7 +50,7 @@ def _jsonl_examples(root, path, report):
 
 def read_csv(root, split, report, file=None):
     root, path = _source_file(root, split, file, ".csv", "CSV")
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with storage.open(path, errors="surrogateescape", newline="") as f:
         header = next(csv.reader(f), [])
     if not set(header) & set(IMAGE_FIELDS) or not set(header) & set(QUERY_FIELDS):
         raise EntityClipError(f"{path} has columns {header}; it needs an image column "
@@ -60,7 +60,7 @@ def read_csv(root, split, report, file=None):
 
 def _csv_examples(root, path, report):
     ids = checks.UniqueIds()
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with storage.open(path, errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         for record in reader:
             example = _example(record, reader.line_num, root, ids, report, "csv")

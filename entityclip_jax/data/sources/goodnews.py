@@ -12,7 +12,7 @@ layout="auto" picks the EntityCLIP file when it exists for the split. Ids are th
 image file stem "<article>_<index>" in both layouts; the query is the caption,
 the headline is the article headline (title). GoodNews has no class label.
 """
-import pathlib
+import posixpath
 
 from entityclip_jax.data.example import RawExample
 from entityclip_jax.data.sources import checks
@@ -89,8 +89,9 @@ def _release_records(records, root, image_dir, broken, source_name, report):
         if not isinstance(record, dict) or not isinstance(record.get("image_id"), str) or not record["image_id"]:
             report.skip(f"{source_name}[{position}]", "bad_record: not an object with an image_id")
             continue
-        image_file = record["image_id"] if pathlib.PurePath(record["image_id"]).suffix else record["image_id"] + ".jpg"
-        record_id = pathlib.PurePath(image_file).stem
+        suffix = posixpath.splitext(record["image_id"])[1]  # a file name in the release, not a path of ours
+        image_file = record["image_id"] if suffix else record["image_id"] + ".jpg"
+        record_id = posixpath.splitext(posixpath.basename(image_file))[0]
         if not ids.first(record_id, report):
             continue
         if image_file in broken:

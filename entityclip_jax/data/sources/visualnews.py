@@ -11,8 +11,7 @@ Two layouts are accepted:
 Image paths are looked up under the data file's folder, ROOT, ROOT/images and
 ROOT/origin, in that order. The query is the caption, the label is the topic.
 """
-import pathlib
-
+from entityclip_jax import storage
 from entityclip_jax.data.example import RawExample
 from entityclip_jax.data.sources import checks
 from entityclip_jax.errors import EntityClipError
@@ -43,7 +42,7 @@ def read_visualnews(root, split, report, split_ids=None):
 
 
 def _load_split_ids(root, split_ids):
-    path = pathlib.Path(root, split_ids)
+    path = storage.path(storage.join(root, split_ids))
     if not path.is_file():
         raise EntityClipError(f"VisualNews split id file {path} not found; give a JSON list of ids "
                               "or a text file with one id per line")

