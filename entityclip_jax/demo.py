@@ -14,13 +14,13 @@ Every stage calls the same function or command a user would.
 """
 import json
 import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
 from PIL import Image
 
+from entityclip_jax import storage
 from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads, save_towers
 from entityclip_jax.cli import main as cli
 from entityclip_jax.config import load_config
@@ -42,13 +42,16 @@ from entityclip_jax.models.entityclip import token_mask
 SPLITS = {"train": 1024, "val": 128, "test": 256}
 QUICK_SPLITS = {"train": 96, "val": 32, "test": 32}  # --quick: a smoke run of every stage
 GEMMA_PHOTOS = ("photo-astronaut", "photo-dscovr_launch", "photo-grace_hopper")
+DEMO_MARKER = "entityclip_demo.json"  # marks a workdir the demo made: only such a one is overwritten
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # not a user path: our source tree
+CONFIG = os.path.join(PACKAGE_ROOT, "configs", "tiny_cpu.py")  # not a user path: the demo's own config
 
 
 def configure(parser):
     parser.add_argument("--workdir", default="demo_out", help="where every artefact goes")
     parser.add_argument("--steps", type=int, default=256, help="training steps of each model")
     parser.add_argument("--no-llm", action="store_true", help="skip Gemma; use cached explanations only")
-    parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
+    parser.add_argument("--fresh", action="store_true", help="delete an earlier demo's workdir first")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: tiny splits, 8 steps, no LLM (what the tests run)")
 
@@ -59,24 +62,25 @@ def _stage(title):
 
 def make_raw_data(root, splits=SPLITS):
     """JSONL splits (image, query, headline, label) under root; images under root/images."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    storage.path(root).joinpath("images").mkdir(parents=True, exist_ok=True)
     explanations = {}
     for seed, (split, count) in enumerate(splits.items()):
         rows = []
         for example_id, image, query, explanation, headline, label in synthetic_examples(
                 count, seed=seed, image_size=64, id_prefix=split):
             relative = f"images/{example_id}.jpg"
-            Image.fromarray(image).save(os.path.join(root, relative), quality=92)
+            with storage.open(storage.join(root, relative), "wb") as f:
+                Image.fromarray(image).save(f, format="JPEG", quality=92)
             rows.append(dict(id=example_id, image=relative, query=query, headline=headline, label=label))
             explanations[example_id] = (query, explanation)
         if split == "train":  # the real photos join the training set
             for record in real_photo_records():
                 relative = f"images/{record['id']}{os.path.splitext(record['image'])[1]}"
-                shutil.copyfile(record["image"], os.path.join(root, relative))
+                storage.copy(record["image"], storage.join(root, relative))
                 rows.append(dict(id=record["id"], image=relative, query=record["query"],
                                  headline=record["headline"], label=record["label"]))
                 explanations[record["id"]] = (record["query"], record["explanation"])
-        with open(os.path.join(root, f"{split}.jsonl"), "w") as f:
+        with storage.open(storage.join(root, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     return explanations
 
@@ -108,13 +112,12 @@ def run(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = time.time()
 
-    workdir = os.path.abspath(args.workdir)
-    if args.fresh and os.path.exists(workdir):
-        shutil.rmtree(workdir)
-    raw, records = os.path.join(workdir, "raw"), os.path.join(workdir, "records")
-    cache_path = os.path.join(workdir, "explanations.jsonl")
-    tokenizer_dir = os.path.join(workdir, "tokenizer")
-    results = os.path.join(workdir, "results")
+    workdir = storage.absolute(args.workdir)
+    claim_workdir(workdir, fresh=args.fresh)  # everything the demo deletes below lies in its own workdir
+    raw, records = storage.join(workdir, "raw"), storage.join(workdir, "records")
+    cache_path = storage.join(workdir, "explanations.jsonl")
+    tokenizer_dir = storage.join(workdir, "tokenizer")
+    results = storage.join(workdir, "results")
 
     _stage("1. data: synthetic entity news + real photos from installed wheels")
     splits = QUICK_SPLITS if args.quick else SPLITS
@@ -123,44 +126,42 @@ def run(args):
     print(f"{len(explanations)} examples in {raw}")
 
     _stage("2. explanations: Gemma-3 270M (offline) for real captions, the cache for the rest")
-    if os.path.exists(cache_path):
-        os.remove(cache_path)
+    storage.path(cache_path).unlink(missing_ok=True)
     generated = explain(explanations, cache_path, use_llm=use_llm)
 
     _stage("3. TFRecords with OpenAI's CLIP vocabulary (from the open_clip_torch wheel)")
     build_hf_tokenizer_files(ensure_openai_vocab(), tokenizer_dir)
-    shutil.rmtree(records, ignore_errors=True)
+    storage.path(records).rmtree(missing_ok=True)
     for split in splits:
         _check(cli(["write-records", "--source", "jsonl", "--root", raw, "--split", split, "--tokenizer",
                     tokenizer_dir, "--out", records, "--explanations", cache_path, "--workers", "1"]))
 
     _stage("4. training: EntityCLIP and plain CLIP fine-tuning, same towers, data and steps")
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_cpu.py")
     overrides = [f"--config.data.dir={records}", f"--config.num_train_steps={steps}",
                  "--config.model.vocab_size=49408", "--config.model.eos_token_id=49407"]
-    runs = {"step0": _initial_towers(config, overrides, os.path.join(workdir, "step0_towers"))}
+    runs = {"step0": _initial_towers(CONFIG, overrides, storage.join(workdir, "step0_towers"))}
     for mode in ("clip_finetune", "entityclip"):
-        runs[mode] = os.path.join(workdir, f"run_{mode}")
-        shutil.rmtree(runs[mode], ignore_errors=True)
-        _check(cli(["train", "--config", config, "--workdir", runs[mode], f"--config.model.mode={mode}",
+        runs[mode] = storage.join(workdir, f"run_{mode}")
+        storage.path(runs[mode]).rmtree(missing_ok=True)
+        _check(cli(["train", "--config", CONFIG, "--workdir", runs[mode], f"--config.model.mode={mode}",
                     *overrides]))
 
     _stage("5. evaluation with the plain CLIP towers")
-    metrics = {name: evaluate_retrieval(run_dir, records, "test", os.path.join(results, name))[0]
+    metrics = {name: evaluate_retrieval(run_dir, records, "test", storage.join(results, name))[0]
                for name, run_dir in runs.items()}
     classification = zero_shot_classification(runs["entityclip"], records, "test",
-                                              os.path.join(results, "classification"), tokenizer_dir)
+                                              storage.join(results, "classification"), tokenizer_dir)
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
 
     _stage("6. export to Hugging Face (PyTorch) and parity check")
-    export_dir = os.path.join(workdir, "hf_export")
+    export_dir = storage.join(workdir, "hf_export")
     parity = export(runs["entityclip"], export_dir, tokenizer_from=tokenizer_dir, overwrite=True)
 
     _stage(f"summary ({time.time() - started:.0f} s)")
     print(f"Recall@K on the test split ({metrics['entityclip']['num_texts']} pairs; same towers, data, "
           f"steps and seed for both runs):")
     print(_summary_table(metrics))
-    with open(classification["json"]) as f:
+    with storage.open(classification["json"]) as f:
         accuracy = json.load(f)["accuracy"]
     print(f"\nzero-shot news classification (image + headline, EntityCLIP towers): accuracy {accuracy:.1f}%")
     print(f"export parity with transformers: max |embedding difference| {parity:.1e}")
@@ -176,6 +177,21 @@ def run(args):
     return 0
 
 
+def claim_workdir(workdir, fresh=False):
+    """Makes workdir the demo's before anything is written: a new or empty directory gets DEMO_MARKER;
+    one holding it is an earlier demo's, whose artefacts a rerun replaces (and --fresh deletes whole).
+    Anything else is refused, so the demo never deletes what it did not make."""
+    where = storage.path(workdir)
+    marker = where / DEMO_MARKER
+    if where.exists() and not marker.is_file() and (not where.is_dir() or storage.listdir(workdir)):
+        raise EntityClipError(f"--workdir {workdir} holds files the demo did not write (no {DEMO_MARKER}); "
+                              "choose a new or empty directory, or remove it yourself if an older demo made it")
+    if fresh and marker.is_file():
+        where.rmtree()
+    where.mkdir(parents=True, exist_ok=True)
+    storage.write_json_atomic(marker, {"written_by": "entityclip demo"})
+
+
 def _check(code):
     if code:
         raise EntityClipError(f"a demo stage failed with exit code {code}; see the message above")
@@ -185,7 +201,7 @@ def _initial_towers(config_path, overrides, out_dir):
     """The towers both runs start from, saved for evaluation: what fine-tuning adds."""
     config = load_config(config_path, overrides)
     model, params = init_entityclip(jax.random.key(config.seed), config)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    storage.path(out_dir).rmtree(missing_ok=True)
     return save_towers(params["clip"], model.clip, out_dir)
 
 
@@ -216,8 +232,8 @@ def _attention_view(run_dir, records, tokenizer_dir, results):
     by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
     picture = to_uint8(batch["pixel_values"][0])
     query_text = tokenizer.decode([int(i) for i in batch["query_ids"][0][1:q_len]])
-    out = os.path.join(results, "attention.png")
-    os.makedirs(results, exist_ok=True)
+    out = storage.join(results, "attention.png")
+    storage.path(results).mkdir(parents=True, exist_ok=True)
     draw_attention(picture, query_text, top_words(word_scores(jnp.asarray(by_image), ids, tokenizer)),
                    top_words(word_scores(jnp.asarray(by_query), ids, tokenizer)), out,
                    title="explanation expert 0 (trained EntityCLIP)")

@@ -47,3 +47,33 @@ def _resume_from_export(workdir):
     _, towers, heads = load_towers_and_heads(str(workdir / "run_entityclip"))
     trained = {"clip": towers, "heads": heads}
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, trained)
+
+
+def test_the_demo_deletes_only_a_workdir_it_made(tmp_path, capsys):
+    """A workdir without the demo's marker is refused before anything is written, --fresh or not:
+    its records/ (a name the demo replaces) survives. An earlier demo's workdir is reused, and
+    --fresh deletes it whole."""
+    from entityclip_jax.demo import DEMO_MARKER, claim_workdir
+
+    foreign = tmp_path / "mine"
+    (foreign / "records").mkdir(parents=True)
+    (foreign / "records" / "keep.txt").write_text("the user's")
+    (tmp_path / "a_file").write_text("the user's")
+    for workdir in (foreign, tmp_path / "a_file"):
+        for fresh in ([], ["--fresh"]):
+            assert cli(["demo", "--workdir", str(workdir), "--quick", *fresh]) == 2
+            assert DEMO_MARKER in capsys.readouterr().err
+    assert (foreign / "records" / "keep.txt").read_text() == "the user's"
+    assert (tmp_path / "a_file").read_text() == "the user's"
+    assert sorted(os.listdir(foreign)) == ["records"]
+
+    ours = tmp_path / "empty"
+    ours.mkdir()
+    claim_workdir(str(ours))  # an empty directory becomes the demo's
+    (ours / "records").mkdir()
+    claim_workdir(str(ours))  # a rerun keeps what an earlier demo made
+    assert sorted(os.listdir(ours)) == [DEMO_MARKER, "records"]
+    claim_workdir(str(ours), fresh=True)
+    assert os.listdir(ours) == [DEMO_MARKER]
+    claim_workdir(str(tmp_path / "new" / "demo"))
+    assert os.listdir(tmp_path / "new" / "demo") == [DEMO_MARKER]
