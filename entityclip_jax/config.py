@@ -7,7 +7,6 @@ the way ml_collections' config_flags does (the ":b16" part is get_config's arg).
 """
 import difflib
 import json
-import os
 import re
 
 import jax
@@ -129,7 +128,10 @@ def load_config(spec, overrides=()):
             raise EntityClipError(f"unrecognized argument {override!r}; config overrides look like "
                                   "--config.optimizer.learning_rate=5e-6")
     path = spec.split(":", 1)[0]
-    if not os.path.isfile(path):
+    if storage.is_remote(path):  # config_flags imports the file as a Python module, from the local disk only
+        raise EntityClipError(f"config file {path} is on object storage; a config is a Python file imported "
+                              "from the local disk: copy it there, e.g. --config configs/tiny_cpu.py")
+    if not storage.path(path).is_file():
         raise EntityClipError(f"config file {path} does not exist; pass a file with get_config(), "
                               "e.g. --config configs/tiny_cpu.py")
     argv = ["entityclip", f"--config={spec}", *overrides]

@@ -22,7 +22,7 @@ LOCAL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".gz")  # a missin
 def resolve_checkpoint(spec):
     """A local or gs:// path unchanged; a hub id "org/name[@revision]" -> its snapshot directory."""
     match = HUB_ID.fullmatch(str(spec))
-    if storage.is_remote(spec) or os.path.exists(spec) or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
+    if storage.is_remote(spec) or storage.path(spec).exists() or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
         return spec
     import huggingface_hub  # lazy: ~0.6 s to import, needed only for hub ids
     from huggingface_hub import constants, errors
@@ -30,7 +30,8 @@ def resolve_checkpoint(spec):
     repo, revision = match["repo"], match["revision"]
     try:
         folder = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=list(HUB_FILES))
-        if not any(name.startswith("model") and name.endswith(".safetensors") for name in os.listdir(folder)):
+        names = os.listdir(folder)  # not a user path: huggingface_hub's own snapshot folder
+        if not any(name.startswith("model") and name.endswith(".safetensors") for name in names):
             folder = huggingface_hub.snapshot_download(repo, revision=revision,
                                                        allow_patterns=list(HUB_FILES + HUB_FALLBACK_WEIGHTS))
     except errors.RevisionNotFoundError:

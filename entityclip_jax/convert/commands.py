@@ -55,9 +55,10 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     check_export_destination(out, overwrite, (checkpoint, tokenizer_from))  # before a long read
     if storage.is_remote(out):  # built and verified on the local disk, then uploaded, its marker last
         with tempfile.TemporaryDirectory() as local:
-            diff = export(checkpoint, os.path.join(local, "export"), tokenizer_from, verify=verify)
+            local_export = os.path.join(local, "export")  # not a user path: our own TemporaryDirectory
+            diff = export(checkpoint, local_export, tokenizer_from, verify=verify)
             _progress(f"uploading to {out}")
-            upload_export(os.path.join(local, "export"), out)
+            upload_export(local_export, out)
         _progress(f"done: {out}")
         return diff
     _progress(f"reading {checkpoint}")
