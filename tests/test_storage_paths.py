@@ -16,8 +16,6 @@ FORBIDDEN_CALLS = {
     "os.scandir", "os.walk", "os.rename", "os.replace", "os.remove", "os.unlink", "os.rmdir",
     "io.open", "gzip.open", "glob.glob",
 }
-# files still being converted (see the merge); remove when they pass
-PENDING = {"config.py", "demo.py", "convert/commands.py", "hub.py"}
 
 
 def _dotted(node):
@@ -60,8 +58,6 @@ def _modules():
 def test_no_user_path_outside_storage(module):
     relative = str(module.relative_to(PACKAGE))
     found = violations(module.read_text(encoding="utf-8"), relative)
-    if relative in PENDING and found:
-        pytest.xfail(f"converted on another branch: {found}")
     assert not found, f"{relative}: " + ", ".join(f"line {line}: {what}" for line, what in found) + \
         f" (route the path through entityclip_jax.storage, or mark the line '{MARKER} <why>')"
 
