@@ -22,7 +22,8 @@ LOCAL_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".gz")  # a missin
 def resolve_checkpoint(spec):
     """A local or gs:// path unchanged; a hub id "org/name[@revision]" -> its snapshot directory."""
     match = HUB_ID.fullmatch(str(spec))
-    if storage.is_remote(spec) or storage.path(spec).exists() or match is None or str(spec).endswith(LOCAL_FILE_SUFFIXES):
+    if (storage.is_remote(spec) or storage.path(spec).exists() or match is None
+            or str(spec).endswith(LOCAL_FILE_SUFFIXES)):
         return spec
     import huggingface_hub  # lazy: ~0.6 s to import, needed only for hub ids
     from huggingface_hub import constants, errors
