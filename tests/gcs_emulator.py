@@ -11,7 +11,6 @@ every library at it.
 import contextlib
 import datetime
 import json
-import os
 import pathlib
 import socket
 import subprocess

@@ -1,5 +1,4 @@
 """Hugging Face and OpenAI layouts in and out, and every bad input refused clearly."""
-import json
 import os
 
 import jax
@@ -11,7 +10,6 @@ from flax import traverse_util
 
 from conftest import tiny_hf_clip
 from entityclip_jax.cli import main as cli_main
-from entityclip_jax.convert import hf as hf_convert
 from entityclip_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint
 from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
 from entityclip_jax.errors import EntityClipError
