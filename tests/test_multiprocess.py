@@ -1,12 +1,22 @@
 """Training as two JAX processes on this machine, as on a two-host pod: each
-process is `entityclip train` with 4 simulated CPU devices, joined through
-jax.distributed on a loopback coordinator (gloo collectives between processes).
+process is `entityclip train`, joined through jax.distributed on a loopback
+coordinator (gloo collectives between processes).
 
 The reference is a 1-process, 8-device run in this pytest process fed the same
 global batches: the concatenation of both processes' shares of the shards, in
 process order. Equal losses step by step therefore say that each process read
 only its own share and that the loss saw the whole global batch; the rerun after
-SIGTERM resuming at the saved step says both processes wrote and restored it.
+SIGTERM resuming at the saved step, with equal losses after it and equal final
+parameters, says both processes wrote and restored it.
+
+Devices per process: the comparison runs with ONE CPU device per process. With
+several (4 here), XLA:CPU in jax 0.10.2 intermittently corrupts cross-process
+collectives: on the same batches (checked by hash), 17 of 23 two-process runs of
+24 steps parted from the reference or from each other by 1e-4..1e-2 in the loss at
+a random step (from step 3 on), and 2 more runs aborted with gloo's "collective
+mismatch" ("16 vs 8 bytes"). With one device per process 7 of 7 runs were
+bit-identical. TPU and GPU collectives do not take that path.
+The kill -9 test, which compares no numbers, keeps 4 devices per process.
 """
 import json
 import os
@@ -18,9 +28,11 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
+from entityclip_jax.checkpoints import load_towers
 from entityclip_jax.config import load_config
 from entityclip_jax.train import data, loop
 from tests._tiny_training import write_tiny_records
@@ -62,10 +74,10 @@ def compilation_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
-def start(workdir, overrides, port, cache, heartbeat=100):
-    """The same `entityclip train` command on every process, as on a pod."""
+def start(workdir, overrides, port, cache, heartbeat=100, local_devices=1):
+    """The same `entityclip train` command on every process, as on a pod (local_devices: see above)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}")
     processes = []
     for index in range(PROCESSES):
         command = [sys.executable, "-m", "entityclip_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir),
@@ -136,7 +148,8 @@ def test_two_processes_match_one_process_stop_together_on_sigterm_and_resume(rec
     assert len(stopped) == PROCESSES and len(set(stopped)) == 1, stopped
     step = stopped[0]
     assert 4 < step < STEPS, step  # stopped mid-run, after the first periodic checkpoint
-    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [4, step]
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
+    assert saved[-1] == step and all(s % 4 == 0 for s in saved[:-1]), saved  # periodic ones, then the stop
     assert [r["step"] for r in metrics(workdir)] == list(range(1, step + 1))  # process 0 writes, once
 
     # The global-batch loss, step by step, up to the preemption: each process read its own share
@@ -145,27 +158,27 @@ def test_two_processes_match_one_process_stop_together_on_sigterm_and_resume(rec
     for row, want in zip(rows, expected[:step]):
         assert row["loss"] == pytest.approx(want["loss"], abs=1e-5), row["step"]
 
-    try:
-        resumed = finish(start(workdir, overrides, free_port(), compilation_cache), timeout=300)
-    except subprocess.TimeoutExpired:
-        resumed = [(None, "", "the resumed processes were still running after 300 s")]
-    failed = [stderr[-1500:] for code, _, stderr in resumed if code != 0]
-    if failed:  # open in issue #9: found when the integrity-checked restore met the 2-process loop
-        pytest.xfail("KNOWN BUG: resuming the 2-process run fails (seen: gloo 'collective mismatch' after "
-                     f"the restore): {failed[0]}")
+    resumed = finish(start(workdir, overrides, free_port(), compilation_cache), timeout=300)
+    for code, _, stderr in resumed:
+        assert code == 0, stderr[-3000:]
     progress = [int(s) for s in re.findall(rf"^step (\d+)/{STEPS} ", resumed[0][1], re.MULTILINE)]
     assert progress == [s for s in range(step + 1, STEPS + 1) if s % 3 == 0]  # went on from the checkpoint
     rows = metrics(workdir)
     assert [r["step"] for r in rows] == [r["step"] for r in expected] == list(range(1, STEPS + 1))
-    # After a mid-epoch resume the two runs have been seen to part at a later step (2 of 5 runs,
-    # e.g. step 10: 3.7323 vs 3.7294), cause not found yet: open in issue #9, not asserted here.
+    for row, want in zip(rows, expected):  # the resumed steps too
+        assert row["loss"] == pytest.approx(want["loss"], abs=1e-5), (row["step"], f"resumed at {step}")
+    # Saved by both processes, restored by both, trained on: the parameters of the 1-process run.
+    _, towers = load_towers(str(workdir / "checkpoints" / str(STEPS)))
+    _, want_towers = load_towers(str(reference / "checkpoints" / str(STEPS)))
+    for (path, leaf), want_leaf in zip(jax.tree_util.tree_flatten_with_path(towers)[0], jax.tree.leaves(want_towers)):
+        np.testing.assert_allclose(leaf, want_leaf, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
     print(f"two processes, SIGTERM and resume: {time.time() - began:.1f} s")
 
 
 def test_a_killed_process_ends_the_others_with_an_error(records, tmp_path, compilation_cache):
     began = time.time()
     workdir = tmp_path / "run"
-    processes = start(workdir, settings(records), free_port(), compilation_cache, heartbeat=3)
+    processes = start(workdir, settings(records), free_port(), compilation_cache, heartbeat=3, local_devices=4)
     wait_for(workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA", processes)
     processes[1].kill()
     killed = time.time()

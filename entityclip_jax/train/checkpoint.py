@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils
 
 from entityclip_jax import storage
@@ -119,7 +120,6 @@ def _all_processes_agree(ok):
     """True only when every process found its part of the step intact (each reads its own chunks)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils  # multi-process only
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
@@ -288,7 +288,6 @@ class Checkpointer:
         if jax.process_index() == 0:  # on gs:// a copy then a delete: Orbax sees the step gone only at the end
             storage.move_tree(storage.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # multi-process only
             multihost_utils.sync_global_devices(f"moved damaged checkpoint {step}")
         self.manager.reload()
         return target
