@@ -67,3 +67,11 @@ def test_the_default_and_shipped_configs_pass():
     for spec in ("configs/tiny_cpu.py", "configs/n24news.py", "configs/n24news.py:b16"):
         validate_config(load_config(spec), device_count=8)
     validate_config(default_config(), device_count=1)
+
+
+def test_a_config_file_on_gcs_or_missing_is_one_line(tmp_path):
+    from entityclip_jax.config import load_config
+    with pytest.raises(EntityClipError, match="on object storage.*copy it there"):
+        load_config("gs://bucket/configs/tiny_cpu.py")
+    with pytest.raises(EntityClipError, match="no_such.py"):
+        load_config(str(tmp_path / "no_such.py"))
