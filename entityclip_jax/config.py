@@ -127,7 +127,7 @@ def load_config(spec, overrides=()):
         if not override.startswith("--config."):
             raise EntityClipError(f"unrecognized argument {override!r}; config overrides look like "
                                   "--config.optimizer.learning_rate=5e-6")
-    path = spec.split(":", 1)[0]
+    path = spec if storage.is_remote(spec) else spec.split(":", 1)[0]  # "file.py:arg"; gs:// has its own colon
     if storage.is_remote(path):  # config_flags imports the file as a Python module, from the local disk only
         raise EntityClipError(f"config file {path} is on object storage; a config is a Python file imported "
                               "from the local disk: copy it there, e.g. --config configs/tiny_cpu.py")
