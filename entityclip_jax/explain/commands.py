@@ -132,8 +132,10 @@ def _explain(args):
     queries = _queries(args, report)
     concurrency = args.concurrency or (8 if args.backend == "http" else 1)
     backend = _backend(args)
-    # kill (SIGTERM) ends the run as cleanly as Ctrl-C: finished records are synced.
+    # kill (SIGTERM) ends the run as cleanly as Ctrl-C: finished records are synced. SIGINT too,
+    # even when a shell started us as a background job, which hands SIGINT over ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     summary = generate_explanations(queries, args.out, backend, prompt, concurrency=concurrency,
                                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
                                     keep_failed=args.keep_failed, quality_retries=args.quality_retries,
