@@ -24,10 +24,12 @@ COMMANDS = {
     "tokenizer": ("entityclip_jax.data.commands", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
     "check-source": ("entityclip_jax.data.commands", "read a raw dataset split; print counts and skipped records"),
     "write-records": ("entityclip_jax.data.write_command", "raw dataset split (+ explanations) -> TFRecord shards"),
-    "eval": ("entityclip_jax.eval.commands", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG)"),
+    "eval": ("entityclip_jax.eval.commands", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG; --report: HTML)"),
+    "compare": ("entityclip_jax.eval.commands", "two `eval --report` results of one split, query by query (HTML)"),
     "classify": ("entityclip_jax.eval.commands", "zero-shot news classification from image + headline (JSON, PNG)"),
     "search-index": ("entityclip_jax.eval.search_command", "embed a folder of images or a TFRecord split into a search index"),
     "search": ("entityclip_jax.eval.search_command", "text query -> top-k images from a search index (+ contact sheet)"),
+    "serve": ("entityclip_jax.eval.search_command", "a local web page to search an index: type a query, see the images"),
     "train": ("entityclip_jax.train.commands", "train or resume EntityCLIP (or plain CLIP) from a config; Orbax checkpoints in --workdir"),
 }
 

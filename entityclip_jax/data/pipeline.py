@@ -14,8 +14,9 @@ each host is padded with masked zero examples up to the same number of batches
 
 Batches: pixel_values [b, s, s, 3] float32 (CLIP-normalised) or uint8 with
 normalize_on_host=False (then normalise on device with preprocess.normalize),
-query_ids / explanation_ids [b, L] int32, id / label / headline [b] bytes
-(headline for zero-shot classification), mask [b] bool.
+query_ids / explanation_ids [b, L] int32, id / query / label / headline [b] bytes
+(query: the caption's text, for pages a person reads; headline for zero-shot
+classification), mask [b] bool.
 """
 import logging
 import math
@@ -95,6 +96,7 @@ def _process_share(shards, process_index, process_count):
 def _parse(context_length):
     import tensorflow as tf  # lazy: heavy; light code paths import this module
     spec = {"id": tf.io.FixedLenFeature([], tf.string),
+            "query": tf.io.FixedLenFeature([], tf.string),
             "image": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.string),
             "headline": tf.io.FixedLenFeature([], tf.string),
@@ -105,7 +107,7 @@ def _parse(context_length):
 
 def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, process_index=None,
                  process_count=None, random_crop=False, crop_scale=(0.08, 1.0), shuffle_buffer=4096,
-                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False):
+                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False, ids=None):
     """tf.data.Dataset of per-host dict batches (see the module doc).
 
     batch_size: examples per HOST (global batch = batch_size * process_count).
@@ -116,6 +118,8 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
       antialiasing below a 2x shrink (~3x cheaper, ~0.03 off CLIPImageProcessor;
       see preprocess.clip_preprocess). Keep it off for evaluation.
     skip_corrupt_shards: skip missing/truncated shards with a warning instead of failing.
+    ids: eval only: just the examples with these ids, found by reading each record's id
+      before decoding its image (no padding; the last batch may be smaller).
     """
     import tensorflow as tf  # lazy: heavy; light code paths import this module
     if process_index is None or process_count is None:
@@ -140,7 +144,8 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
             random_crop_seed=crop_seed, crop_scale=crop_scale)
         return {"pixel_values": pixels, "query_ids": tf.cast(ex["query_ids"], tf.int32),
                 "explanation_ids": tf.cast(ex["explanation_ids"], tf.int32),
-                "id": ex["id"], "label": ex["label"], "headline": ex["headline"], "mask": tf.constant(True)}
+                "id": ex["id"], "query": ex["query"], "label": ex["label"], "headline": ex["headline"],
+                "mask": tf.constant(True)}
 
     autotune = tf.data.AUTOTUNE
     if train:
@@ -158,6 +163,15 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
         else:
             ds = ds.map(example, num_parallel_calls=autotune)
         ds = ds.batch(batch_size, drop_remainder=True)
+    elif ids is not None:
+        ds = tf.data.TFRecordDataset(files)
+        if shard_examples:
+            ds = ds.shard(process_count, process_index)
+        wanted = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(sorted({str(i) for i in ids}), tf.string), tf.ones(len(set(ids)), tf.int32)), 0)
+        id_only = {"id": tf.io.FixedLenFeature([], tf.string)}
+        ds = (ds.filter(lambda s: wanted.lookup(tf.io.parse_single_example(s, id_only)["id"]) > 0)
+              .map(example, num_parallel_calls=autotune).batch(batch_size))
     else:
         ds = tf.data.TFRecordDataset(files)
         if shard_examples:

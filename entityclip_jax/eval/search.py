@@ -140,7 +140,7 @@ def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=1
     for n, (image, score, caption) in enumerate(zip(images, scores, captions)):
         left = pad + (n % columns) * (thumb_size + pad)
         top = title_h + (n // columns) * (thumb_size + caption_h + pad)
-        sheet.paste(_thumbnail(image, thumb_size), (left, top))
+        sheet.paste(thumbnail(image, thumb_size), (left, top))
         draw.text((left, top + thumb_size + 2), f"#{n + 1}  score {float(score):.3f}", fill="black", font=font)
         draw.text((left, top + thumb_size + 18), _fit(caption, thumb_size // 7), fill="dimgray", font=font)
     storage.path(out_png).parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,8 @@ def image_folder_batches(paths, image_size, batch_size):
         }
 
 
-def _thumbnail(image, size):
+def thumbnail(image, size):
+    """A size x size RGB tile of the image, letterboxed; one that cannot be opened says so."""
     try:
         if isinstance(image, (str, os.PathLike)):
             with storage.open(image, "rb") as f, Image.open(f) as opened:
