@@ -17,7 +17,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from PIL import Image
 
 from entityclip_jax import storage
@@ -30,14 +29,12 @@ from entityclip_jax.data.pipeline import make_dataset, numpy_batches
 from entityclip_jax.data.synthetic import synthetic_examples
 from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.eval.attention import draw_attention, expert_attention, top_words, word_scores
+from entityclip_jax.eval.attention import draw_attention, expert_words
 from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
 from entityclip_jax.explain import cache
 from entityclip_jax.explain.prompts import load_prompt
 from entityclip_jax.explain.runner import generate_explanations
-from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.models.clip_pixels import to_uint8
-from entityclip_jax.models.entityclip import token_mask
 
 SPLITS = {"train": 1024, "val": 128, "test": 256}
 QUICK_SPLITS = {"train": 96, "val": 32, "test": 32}  # --quick: a smoke run of every stage
@@ -219,22 +216,12 @@ def _attention_view(run_dir, records, tokenizer_dir, results):
     clip_config, tower_params, heads = load_towers_and_heads(run_dir)
     batch = next(numpy_batches(make_dataset(records, "test", batch_size=1, image_size=clip_config.vision.image_size,
                                             train=False, process_index=0, process_count=1)))
-    towers, variables = CLIPModel(clip_config), {"params": tower_params}
-    image = towers.apply(variables, batch["pixel_values"], method=CLIPModel.encode_image)
-    query = towers.apply(variables, batch["query_ids"], method=CLIPModel.encode_text)
-    explanation = towers.apply(variables, batch["explanation_ids"], method=CLIPModel.encode_text)
-    e_mask = token_mask(explanation.eot_index, batch["explanation_ids"].shape[1])
-    expert = jax.tree.map(lambda x: x[0], heads["explanation_experts"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    ids = batch["explanation_ids"][0]
-    by_image = expert_attention(expert, image.tokens[:, 1:], explanation.tokens, e_mask)[0]
-    q_len = int(query.eot_index[0])
-    by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
+    image_words, query_words = expert_words(clip_config, tower_params, heads, batch["pixel_values"],
+                                            batch["query_ids"], batch["explanation_ids"], tokenizer)[0]
     picture = to_uint8(batch["pixel_values"][0])
-    query_text = tokenizer.decode([int(i) for i in batch["query_ids"][0][1:q_len]])
     out = storage.join(results, "attention.png")
     storage.path(results).mkdir(parents=True, exist_ok=True)
-    draw_attention(picture, query_text, top_words(word_scores(jnp.asarray(by_image), ids, tokenizer)),
-                   top_words(word_scores(jnp.asarray(by_query), ids, tokenizer)), out,
+    draw_attention(picture, batch["query"][0].decode("utf-8"), image_words, query_words, out,
                    title="explanation expert 0 (trained EntityCLIP)")
     return out

@@ -18,8 +18,8 @@ from entityclip_jax.data.tokenizer import load_tokenizer
 from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
                                           write_classification_report, zero_shot_classify)
 from entityclip_jax.eval.compare import compare_results
-from entityclip_jax.eval.encode import check_finite, clip_encoders, encode_dataset
-from entityclip_jax.eval.html_report import (DEFAULT_ROWS, THUMBNAIL_LIMIT, TOP_K, images_on_page, report_rows,
+from entityclip_jax.eval.encode import check_finite, clip_encoders, collecting, encode_dataset
+from entityclip_jax.eval.html_report import (DEFAULT_ROWS, THUMBNAIL_LIMIT, TOP_K, images_on_page, rows_on_page,
                                              write_report)
 from entityclip_jax.eval.report import markdown_table, write_retrieval_report
 from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
@@ -71,7 +71,7 @@ def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chun
     """
     captions = []
     images, texts, ids, _, config = encode_split(checkpoint, data_dir, split, batch_size,
-                                                 transform=_keeping_captions(captions) if report else None)
+                                                 transform=_collecting_captions(captions) if report else None)
     keep, text_to_image = group_images_by_id(ids)
     ranks = retrieval_ranks(images[keep], texts, text_to_image, chunk_size=chunk_size, ties=ties,
                             top_k=TOP_K if report else 0)
@@ -81,7 +81,8 @@ def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chun
     paths = write_retrieval_report(metrics, out_dir, title=f"{split} of {os.path.basename(str(data_dir).rstrip('/'))}")
     if report:
         details = make_details(ranks, ids[keep], ids, np.concatenate(captions), text_to_image)
-        wanted = None if len(keep) <= THUMBNAIL_LIMIT else images_on_page(details, report_rows(details, report_rows))
+        shown = rows_on_page(details, report_rows)
+        wanted = None if len(keep) <= THUMBNAIL_LIMIT else images_on_page(details, shown)
         details = dataclasses.replace(details, thumbnails=record_thumbnails(
             data_dir, split, config.vision.image_size, ids=wanted, batch_size=batch_size))
         paths["details"] = write_details(details, out_dir)
@@ -89,13 +90,8 @@ def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chun
     return metrics, paths
 
 
-def _keeping_captions(sink):
-    """An encode_split transform that appends each batch's real captions (str) to sink, in order."""
-    def transform(batches, config):
-        for batch in batches:
-            sink.append(np.array([q.decode("utf-8") for q in batch["query"][batch["mask"]]], dtype=str))
-            yield batch
-    return transform
+def _collecting_captions(sink):
+    return lambda batches, config: collecting(batches, "query", sink)
 
 
 def configure_eval(parser):

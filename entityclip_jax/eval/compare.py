@@ -14,7 +14,7 @@ import numpy as np
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.html_report import (COLUMNS, DEFAULT_ROWS, TITLES, data_name, images_on_page,
-                                             page_thumbnails, query_rows, run_name, templates)
+                                             page_thumbnails, query_rows, templates)
 from entityclip_jax.eval.report import DIRECTIONS, recall_ks
 from entityclip_jax.eval.retrieval_details import DIRECTIONS as QUERY_DIRECTIONS, load_results
 

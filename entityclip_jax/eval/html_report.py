@@ -46,14 +46,14 @@ def shown_rows(count, max_rows, seed=0):
     return np.sort(np.random.default_rng(seed).choice(count, max_rows, replace=False))
 
 
-def report_rows(details, max_rows=DEFAULT_ROWS):
+def rows_on_page(details, max_rows=DEFAULT_ROWS):
     """{"t2i": rows, "i2t": rows}: the query indices a report of `details` shows."""
     return {"t2i": shown_rows(len(details.text_ids), max_rows), "i2t": shown_rows(len(details.image_ids), max_rows)}
 
 
 def images_on_page(details, rows):
     """Ids of every image the rows {direction: indices} show (their thumbnails)."""
-    t2i, i2t = details.direction("t2i"), details.direction("i2t")
+    t2i = details.direction("t2i")
     shown = np.concatenate([details.text_image[rows["t2i"]], t2i["top"][rows["t2i"]].ravel(), rows["i2t"]])
     return {str(details.image_ids[i]) for i in np.unique(shown.astype(np.int64))}
 
@@ -101,7 +101,7 @@ def data_name(metrics):
 
 def render_report(metrics, details, *, curve_png=None, max_rows=DEFAULT_ROWS):
     """The report page as a string."""
-    rows = report_rows(details, max_rows)
+    rows = rows_on_page(details, max_rows)
     sections = [{"key": d, "title": TITLES[d], "columns": COLUMNS[d], "rows": query_rows(details, d, rows[d]),
                  "total": len(details.direction(d)["ranks"])} for d in QUERY_DIRECTIONS]
     return templates().get_template(REPORT_FILE).render(
