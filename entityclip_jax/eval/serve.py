@@ -72,14 +72,14 @@ class SearchPages:
 
     def search_page(self, params):
         if "q" not in params:
-            return self._page("search.html", 200, query="", k=DEFAULT_K, hits=None)
+            return self._page("search.html", 200, query="", k=DEFAULT_K, hits=None, attention=False)
         query, k = checked_query(params.get("q", "")), checked_k(params.get("k", ""))
         with self.model_lock:
             embeds = np.asarray(self.encode_query([query]))
         rows, scores = query_rows(self.index, embeds, k)
         hits = [{"id": str(self.index.ids[r]), "path": str(self.index.paths[r]), "score": float(s)}
                 for r, s in zip(rows[0], scores[0])]
-        return self._page("search.html", 200, query=query, k=k, hits=hits)
+        return self._page("search.html", 200, query=query, k=k, hits=hits, attention=self.attention is not None)
 
     def image_page(self, params):
         image_id = params.get("id", "")

@@ -37,6 +37,9 @@ for (const section of document.querySelectorAll("section.queries")) {
     }
     section.querySelector(".shown").textContent = shown;
   };
-  section.querySelectorAll("select, input").forEach(control => control.addEventListener("input", update));
+  for (const control of section.querySelectorAll("select, input")) {
+    control.addEventListener("input", update);
+    control.addEventListener("change", update);
+  }
   update();
 }
