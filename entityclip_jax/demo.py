@@ -7,8 +7,10 @@
   3. records   TFRecords with the real OpenAI CLIP vocabulary
   4. train     a tiny EntityCLIP and, as the baseline, plain CLIP fine-tuning
                (VTC only) with the same towers, data and steps, on 8 simulated devices
-  5. evaluate  Recall@K both ways (plain CLIP towers), zero-shot classification,
-               the attention view of an explanation expert
+  5. evaluate  Recall@K both ways (plain CLIP towers) with an HTML report per model,
+               EntityCLIP vs CLIP fine-tuning query by query, a search index to
+               `entityclip serve`, zero-shot classification, the attention view
+               of an explanation expert
   6. export    a Hugging Face CLIPModel directory, checked against PyTorch
 Every stage calls the same function or command a user would.
 """
@@ -31,6 +33,7 @@ from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_opena
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.attention import draw_attention, expert_words
 from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
+from entityclip_jax.eval.compare import compare_results
 from entityclip_jax.explain import cache
 from entityclip_jax.explain.prompts import load_prompt
 from entityclip_jax.explain.runner import generate_explanations
@@ -144,8 +147,13 @@ def run(args):
                     *overrides]))
 
     _stage("5. evaluation with the plain CLIP towers")
-    metrics = {name: evaluate_retrieval(run_dir, records, "test", storage.join(results, name))[0]
+    metrics = {name: evaluate_retrieval(run_dir, records, "test", storage.join(results, name), report=True)[0]
                for name, run_dir in runs.items()}
+    comparison, changes = compare_results(storage.join(results, "entityclip"), storage.join(results, "clip_finetune"),
+                                          storage.join(results, "compare_entityclip_vs_clip_finetune.html"))
+    index = storage.join(workdir, "search_index.npz")
+    _check(cli(["search-index", "--checkpoint", runs["entityclip"], "--records", records, "--split", "test",
+                "--out", index]))
     classification = zero_shot_classification(runs["entityclip"], records, "test",
                                               storage.join(results, "classification"), tokenizer_dir)
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
@@ -158,6 +166,9 @@ def run(args):
     print(f"Recall@K on the test split ({metrics['entityclip']['num_texts']} pairs; same towers, data, "
           f"steps and seed for both runs):")
     print(_summary_table(metrics))
+    for direction, c in changes.items():
+        print(f"{c['label']}: EntityCLIP gets {c['fixed']} queries right that CLIP fine-tuning misses, "
+              f"and misses {c['broken']} it gets right (rank 1); {c['better']} rank better, {c['worse']} worse")
     with storage.open(classification["json"]) as f:
         accuracy = json.load(f)["accuracy"]
     print(f"\nzero-shot news classification (image + headline, EntityCLIP towers): accuracy {accuracy:.1f}%")
@@ -168,9 +179,13 @@ def run(args):
                         ("TFRecords", records), ("EntityCLIP run (TensorBoard, checkpoints)", runs["entityclip"]),
                         ("CLIP fine-tuning run", runs["clip_finetune"]),
                         ("retrieval results (JSON, Markdown, PNG)", results),
+                        ("report of EntityCLIP's retrieval (HTML)", storage.join(results, "entityclip", "report.html")),
+                        ("EntityCLIP vs CLIP fine-tuning (HTML)", comparison),
                         ("classification", classification["png"]), ("attention view", attention_png),
-                        ("Hugging Face export", export_dir)]:
+                        ("Hugging Face export", export_dir), ("search index of the test split", index)]:
         print(f"  {label:42s} {path}")
+    print(f"\nsearch it in a browser:\n  entityclip serve --index {index} --checkpoint {runs['entityclip']} "
+          f"--tokenizer {tokenizer_dir}")
     return 0
 
 
