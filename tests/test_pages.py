@@ -33,7 +33,7 @@ def write_results(out_dir, seed, captions, split="test", pictures=True):
     ranks = retrieval_ranks(images, texts, pairs, chunk_size=3, top_k=5)
     metrics = dict(recall_metrics(ranks), checkpoint=f"/runs/model{seed}", data="/data/records", split=split)
     ids = [f"ex{n}" for n in range(len(captions))]
-    thumbnails = {i: jpeg_thumbnail(np.full((8, 8, 3), 8 * n % 256, np.uint8)) for n, i in enumerate(ids)} if pictures else {}
+    thumbnails = {i: jpeg_thumbnail(np.full((8, 8, 3), 8 * n, np.uint8)) for n, i in enumerate(ids) if pictures}
     details = make_details(ranks, ids, ids, captions, pairs, thumbnails)
     out_dir.mkdir(parents=True)
     (out_dir / "retrieval.json").write_text(json.dumps(metrics))

@@ -166,7 +166,8 @@ def configure_compare(parser):
     parser.add_argument("results_b", metavar="RESULTS_B", help="another one, of the same split")
     parser.add_argument("--out", help="the page to write (default: RESULTS_A/compare_<name of B>.html)")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS,
-                        help=f"queries per direction on the page, those whose rank moved most (default: {DEFAULT_ROWS})")
+                        help=f"queries per direction on the page, those whose rank moved most "
+                             f"(default: {DEFAULT_ROWS})")
 
 
 def run_compare(args):

@@ -98,7 +98,8 @@ def configure_serve(parser):
     parser.add_argument("--checkpoint", required=True, help="the checkpoint the index was built with")
     parser.add_argument("--tokenizer", help="tokenizer directory or bpe_simple_vocab_16e6.txt.gz "
                                             "(default: the checkpoint's own, else OpenAI's vocabulary)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="let --host be an address other machines reach (the page has no login)")
@@ -112,8 +113,9 @@ def run_serve(args):
     config, params, heads = load_towers_and_heads(args.checkpoint)
     fingerprint = model_fingerprint(params)
     if index.fingerprint and fingerprint != index.fingerprint:
-        raise EntityClipError(f"the index was built by model {index.fingerprint}, --checkpoint is model {fingerprint}; "
-                              "serve it with the checkpoint it was built with, or rebuild it (`entityclip search-index`)")
+        raise EntityClipError(f"the index was built by model {index.fingerprint}, --checkpoint is model "
+                              f"{fingerprint}; serve it with the checkpoint it was built with, or rebuild it "
+                              "(`entityclip search-index`)")
     tokenizer = _tokenizer(args.tokenizer, args.checkpoint)
     _, encode_text = _encoders(CLIPModel(config), params)
 
@@ -166,15 +168,11 @@ def _hit_images(index, hits):
     """What to draw for each hit: the file, or for records the preprocessed image found by id."""
     if index.source.get("kind") != "records":
         return list(hits), None
-    wanted, found = set(hits), {}
+    found = {}
     dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=64,
-                           image_size=index.source.get("image_size", 224),
-                           train=False, process_index=0, process_count=1, normalize_on_host=False)
-    for batch in numpy_batches(dataset):   # one pass over the split, stopping once every hit is found
-        for example_id, pixels, real in zip(batch["id"], batch["pixel_values"], batch["mask"]):
-            example_id = example_id.decode("utf-8")
-            if real and example_id in wanted:
-                found[example_id] = pixels
-        if len(found) == len(wanted):
-            break
+                           image_size=index.source.get("image_size", 224), train=False, process_index=0,
+                           process_count=1, normalize_on_host=False, ids=list(hits))   # decodes just the hits
+    for batch in numpy_batches(dataset):
+        for example_id, pixels in zip(batch["id"], batch["pixel_values"]):
+            found[example_id.decode("utf-8")] = pixels
     return [found.get(h, f"{h} (not found in the records)") for h in hits], [str(h) for h in hits]

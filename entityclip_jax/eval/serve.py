@@ -144,7 +144,8 @@ def make_server(pages, host="127.0.0.1", port=0):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             url = urllib.parse.urlsplit(self.path)
-            params = {key: values[-1] for key, values in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+            params = {key: values[-1] for key, values in query.items()}
             try:
                 status, content_type, body = pages.handle(url.path, params)
             except Exception:   # a bug, not bad input: the page says so, the server goes on
