@@ -30,23 +30,29 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--window-size=1400,1000")
 
 
-@pytest.fixture(scope="module")
-def browser():
+def _browser_parts():
+    """(chromium, chromedriver, selenium's webdriver module or None), each None when missing."""
     chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    driver_path = shutil.which("chromedriver")
     try:
         from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
     except ImportError:
         webdriver = None
-    missing = [name for name, found in (("chromium", chromium), ("chromedriver", driver_path),
-                                        ("selenium", webdriver)) if not found]
-    if missing:
-        message = (f"no {', '.join(missing)}: browser tests need `apt-get install chromium chromium-driver` "
-                   "and `pip install selenium` (make test does both)")
-        if os.environ.get("CI"):
-            pytest.fail(message + "; under CI they must run")
-        pytest.skip(message)
+    return chromium, shutil.which("chromedriver"), webdriver
+
+
+MISSING = [name for name, part in zip(("chromium", "chromedriver", "selenium"), _browser_parts()) if not part]
+WHY = (f"no {', '.join(MISSING)}: the browser tests need `apt-get install chromium chromium-driver` and "
+       "`pip install selenium` (make test does both)")
+if MISSING and not os.environ.get("CI"):
+    pytest.skip(WHY, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if MISSING:   # only under CI: there the browser tests must run
+        pytest.fail(WHY + "; under CI they must run")
+    chromium, driver_path, webdriver = _browser_parts()
+    from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     profile = tempfile.mkdtemp(prefix="chromium-profile-")   # a fresh profile: nothing remembered between runs
