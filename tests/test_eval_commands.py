@@ -135,6 +135,23 @@ def test_eval_report_keeps_each_query_its_top_5_and_the_pictures(setup, capsys):
     assert (out / "report.html").read_text().count("<tr data-order=") == 80
 
 
+def test_eval_report_of_a_large_split_samples_rows_and_keeps_their_pictures(setup, monkeypatch):
+    """Past THUMBNAIL_LIMIT images, thumbnails of just the images the page shows (read by id)."""
+    from entityclip_jax.eval import commands
+    from entityclip_jax.eval.html_report import images_on_page, rows_on_page
+    from entityclip_jax.eval.retrieval_details import load_results
+    monkeypatch.setattr(commands, "THUMBNAIL_LIMIT", 10)
+    out = setup["root"] / "sampled_report"
+    assert cli(["eval", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
+                "--out", str(out), "--batch-size", "16", "--report", "--report-rows", "4"]) == 0
+    _, details = load_results(out)
+    shown = images_on_page(details, rows_on_page(details, 4))
+    assert len(details.direction("t2i")["ranks"]) == 40 and 4 <= len(shown) < 40
+    assert sorted(details.thumbnails) == sorted(shown)
+    html = (out / "report.html").read_text()
+    assert html.count("<tr data-order=") == 8 and "4 of 40 queries" in html and "random sample" in html
+
+
 def test_classify_command_predicts_what_the_embeddings_say(setup, capsys):
     out = setup["root"] / "classify_out"
     assert cli(["classify", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
