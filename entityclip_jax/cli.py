@@ -16,19 +16,19 @@ from entityclip_jax.errors import EntityClipError
 # name -> (module, one-line help). Add a stage by adding a row here.
 COMMANDS = {
     "demo": ("entityclip_jax.demo", "the whole pipeline on an embedded dataset, on a CPU, in minutes"),
-    "import-hf": ("entityclip_jax.convert.commands", "Hugging Face CLIPModel directory -> Flax towers directory"),
-    "export-hf": ("entityclip_jax.convert.commands", "towers/checkpoint -> Hugging Face CLIPModel directory (verified)"),
-    "import-openai": ("entityclip_jax.convert.commands", "OpenAI-layout state dict -> Flax towers directory"),
-    "explain": ("entityclip_jax.explain.commands", "entity queries -> LLM explanation cache (JSONL, resumable)"),
-    "explain-import": ("entityclip_jax.explain.commands", "EntityCLIP release CapDsc_*.json -> explanation cache"),
-    "tokenizer": ("entityclip_jax.data.commands", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
-    "check-source": ("entityclip_jax.data.commands", "read a raw dataset split; print counts and skipped records"),
-    "write-records": ("entityclip_jax.data.write_command", "raw dataset split (+ explanations) -> TFRecord shards"),
-    "eval": ("entityclip_jax.eval.commands", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG)"),
-    "classify": ("entityclip_jax.eval.commands", "zero-shot news classification from image + headline (JSON, PNG)"),
-    "search-index": ("entityclip_jax.eval.search_command", "embed a folder of images or a TFRecord split into a search index"),
-    "search": ("entityclip_jax.eval.search_command", "text query -> top-k images from a search index (+ contact sheet)"),
-    "train": ("entityclip_jax.train.commands", "train or resume EntityCLIP (or plain CLIP) from a config; Orbax checkpoints in --workdir"),
+    "import-hf": ("entityclip_jax.commands.convert", "Hugging Face CLIPModel directory -> Flax towers directory"),
+    "export-hf": ("entityclip_jax.commands.convert", "towers/checkpoint -> Hugging Face CLIPModel directory (verified)"),
+    "import-openai": ("entityclip_jax.commands.convert", "OpenAI-layout state dict -> Flax towers directory"),
+    "explain": ("entityclip_jax.commands.explain", "entity queries -> LLM explanation cache (JSONL, resumable)"),
+    "explain-import": ("entityclip_jax.commands.explain", "EntityCLIP release CapDsc_*.json -> explanation cache"),
+    "tokenizer": ("entityclip_jax.commands.records", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
+    "check-source": ("entityclip_jax.commands.records", "read a raw dataset split; print counts and skipped records"),
+    "write-records": ("entityclip_jax.commands.records", "raw dataset split (+ explanations) -> TFRecord shards"),
+    "eval": ("entityclip_jax.commands.evaluation", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG)"),
+    "classify": ("entityclip_jax.commands.evaluation", "zero-shot news classification from image + headline (JSON, PNG)"),
+    "search-index": ("entityclip_jax.commands.search", "embed a folder of images or a TFRecord split into a search index"),
+    "search": ("entityclip_jax.commands.search", "text query -> top-k images from a search index (+ contact sheet)"),
+    "train": ("entityclip_jax.commands.train", "train or resume EntityCLIP (or plain CLIP) from a config; Orbax checkpoints in --workdir"),
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entityclip_jax.checkpoints import save_towers
+from entityclip_jax.checkpoints.towers import save_towers
 from entityclip_jax.cli import main as cli
 from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import PRESETS
@@ -49,7 +49,7 @@ def reference_confusion_matrix(setup, class_names):
     import torch
     import transformers
 
-    from entityclip_jax.convert.layout import flax_to_state_dict
+    from entityclip_jax.weights.layout import flax_to_state_dict
     from entityclip_jax.data.pipeline import make_dataset, numpy_batches
     from entityclip_jax.data.tokenizer import load_tokenizer
 
@@ -86,7 +86,7 @@ def unit(x):
 
 def brute_force_metrics(setup):
     """The reference: the same embeddings, a full similarity matrix and sorted rows."""
-    from entityclip_jax.eval.commands import encode_split
+    from entityclip_jax.eval.evaluate import encode_split
     images, texts, _, _, _ = encode_split(setup["towers"], setup["records"], "val", 16)
     similarity = images @ texts.T
     n = len(similarity)

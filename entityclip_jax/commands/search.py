@@ -5,7 +5,7 @@
   entityclip search --checkpoint C --index INDEX.npz --query "..." -k 5 --sheet hits.png
 """
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.data.pipeline import make_dataset, numpy_batches, split_size
 from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
@@ -43,7 +43,7 @@ def run_search_index(args):
     else:
         dataset = make_dataset(args.records, args.split, batch_size=args.batch_size, image_size=image_size,
                                train=False, process_index=0, process_count=1)
-        batches = numpy_batches(dataset)
+        batches = numpy_batches(dataset, (args.records, args.split))
         source = {"kind": "records", "directory": storage.absolute(args.records), "split": args.split,
                   "image_size": image_size}
         total = split_size(args.records, args.split)
@@ -117,7 +117,7 @@ def _hit_images(index, hits):
     dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=64,
                            image_size=index.source.get("image_size", 224),
                            train=False, process_index=0, process_count=1, normalize_on_host=False)
-    for batch in numpy_batches(dataset):   # one pass over the split, stopping once every hit is found
+    for batch in numpy_batches(dataset, (index.source["directory"], index.source["split"])):   # one pass over the split, stopping once every hit is found
         for example_id, pixels, real in zip(batch["id"], batch["pixel_values"], batch["mask"]):
             example_id = example_id.decode("utf-8")
             if real and example_id in wanted:
