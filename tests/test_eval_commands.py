@@ -128,6 +128,7 @@ def test_classify_command_predicts_what_the_embeddings_say(setup, capsys):
         assert png.size[0] > 200
 
 
+@pytest.mark.slow  # trains a model first
 def test_search_commands_find_the_described_image(trained, capsys):
     index = trained["root"] / "index.npz"
     assert cli(["search-index", "--checkpoint", trained["run"], "--records", trained["records"], "--split", "val",

@@ -294,6 +294,7 @@ def test_entityclip_loss_matches_numpy(cfg):
     assert 0.0 <= float(metrics["itm_accuracy"]) <= 1.0
 
 
+@pytest.mark.slow  # compiles the loss's gradient
 def test_gradient_reaches_every_parameter_with_sampled_negatives():
     _, heads, features = random_problem(seed=2)
     features = to_jax_features(features)

@@ -65,6 +65,7 @@ def run(finished_run, tmp_path):
     return copy
 
 
+@pytest.mark.slow  # trains on after each change
 def test_a_changed_config_is_refused_then_accepted_logged_and_kept(records, run, caplog, capsys):
     saved = (run / ckpt.TRAIN_CONFIG).read_text()
     changed = config(records, **{"optimizer.learning_rate": 2e-3, "num_train_steps": 6, "log.every_steps": 3})
@@ -107,6 +108,7 @@ def test_harmless_changes_are_accepted_without_the_flag(records, tmp_path, caplo
             run_config.accept_resume_config(str(tmp_path), config(records, **meaningful), 12)
 
 
+@pytest.mark.slow  # trains again after the damage
 def test_the_cli_resumes_from_the_step_before_a_damaged_latest_one(records, run, capsys, caplog):
     flip_low_bit(run, 4)
     command = ["train", "--config", CONFIG, "--workdir", str(run), *overrides(records)]
@@ -161,6 +163,7 @@ def test_records_of_another_tokenizer_are_refused_before_any_step(records, run, 
     assert json.loads((tmp_path / "export" / run_tokenizer.RUN_TOKENIZER).read_text()) == recorded
 
 
+@pytest.mark.slow  # trains another run
 def test_eval_refuses_towers_with_another_eot(records, tmp_path, capsys):
     import jax
 

@@ -58,6 +58,7 @@ def test_keeps_the_last_k_and_the_best(saved_run):
     assert checkpointer.best_step() == 2 and checkpointer.latest_step() == 4
 
 
+@pytest.mark.slow  # restores a whole sharded model twice
 @pytest.mark.parametrize("target", ["data8", "one_cpu"])
 def test_restores_onto_another_mesh(saved_run, target):
     workdir, config, final_state = saved_run

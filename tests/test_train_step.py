@@ -50,6 +50,7 @@ def assert_same_step(result, single_device_step):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params_8, params_1)
 
 
+@pytest.mark.slow  # compiles the whole step (test_resume trains through it)
 def test_single_device_step_moves_every_parameter(single_device_step):
     _, params_1, _, _ = single_device_step
     _, initial = tiny_model()
@@ -69,6 +70,7 @@ def test_fsdp_step_equals_single_device(single_device_step):
     assert "fsdp" in str(kernel.sharding.spec)  # really sharded, not silently replicated
 
 
+@pytest.mark.slow  # compiles the whole step twice
 def test_data8_step_equals_single_device_and_compiles_once(single_device_step):
     assert len(jax.devices()) == 8
     with jax.default_matmul_precision("highest"):
