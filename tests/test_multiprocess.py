@@ -129,7 +129,7 @@ def reference(records, tmp_path_factory):
             parts = [next(share) for share in shares]
             yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "host_batches", both_shares)
+        patch.setattr(input_stream, "host_batches", both_shares)
         loop.train(load_config(CONFIG, settings(records)), str(workdir))
     return workdir
 
