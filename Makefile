@@ -1,11 +1,12 @@
 # Two entry points: `make demo` runs the main job on the embedded default,
-# `make test` runs the test suite. Both create .venv on a fresh machine.
+# `make test` runs the test suite (CI: .ci/run). Both create .venv on a fresh machine.
+# `make test-fast` leaves out the tests marked slow (a loop of minutes while you work).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test test-fast venv browser clean
 
 $(STAMP): requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +29,12 @@ browser:
 			|| echo "could not install chromium: the browser tests skip (and fail under CI)"; \
 	fi
 
+# pytest exits 5 when it collects no tests: not a failure here.
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) demo_out

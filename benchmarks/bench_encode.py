@@ -34,8 +34,8 @@ def main(argv=None):
     import torch
     import transformers
 
-    from entityclip_jax.convert.hf import expected_params
-    from entityclip_jax.convert.layout import state_dict_to_flax
+    from entityclip_jax.weights.hf import expected_params
+    from entityclip_jax.weights.layout import state_dict_to_flax
     from entityclip_jax.models.clip import CLIPModel
     from entityclip_jax.models.clip_config import preset
 

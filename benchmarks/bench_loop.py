@@ -25,9 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from entityclip_jax.checkpoints import init_entityclip  # noqa: E402
+from entityclip_jax.checkpoints.model_init import init_entityclip  # noqa: E402
 from entityclip_jax.data.pipeline import to_global_arrays  # noqa: E402
-from entityclip_jax.train import data, loop, optimizer, sharding  # noqa: E402
+from entityclip_jax.parallel import sharding  # noqa: E402
+from entityclip_jax.parallel.mesh import make_mesh  # noqa: E402
+from entityclip_jax.train import input_stream, loop, optimizer  # noqa: E402
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs  # noqa: E402
 from entityclip_jax.train.step import make_train_step  # noqa: E402
 from tests._tiny_training import tiny_config, write_tiny_records  # noqa: E402
@@ -68,18 +70,18 @@ def main():
         records, vocab_size, eos_id = write_tiny_records(tmp, num_train=256, num_val=16)
         config = tiny_config(**{"data.dir": records, "model.vocab_size": vocab_size, "model.eos_token_id": eos_id,
                                 "batch_size": args.batch})
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = make_mesh(config.mesh)
         model, params = init_entityclip(jax.random.key(0), config)
         total = 10 ** 6
         tx = optimizer.make_optimizer(config.optimizer, total, params)
         shardings = sharding.to_shardings(state_specs(abstract_state(params, tx), mesh, config.sharding.rules,
                                                       config.sharding.fsdp_min_size), mesh)
         state = create_train_state(params, tx, shardings)
-        steps_in_epoch = data.steps_per_epoch(config)
+        steps_in_epoch = input_stream.steps_per_epoch(config)
 
         def host():
-            return data.host_batches(config, model.clip.vision.image_size, 0, steps_in_epoch, 0, 1)
-        sides = {"before": (before, host()), "after": (after, data.device_batches(host(), mesh, args.prefetch))}
+            return input_stream.host_batches(config, model.clip.vision.image_size, 0, steps_in_epoch, 0, 1)
+        sides = {"before": (before, host()), "after": (after, input_stream.device_batches(host(), mesh, args.prefetch))}
         first = to_global_arrays(next(host()), mesh, mesh.axis_names)
         train_step = make_train_step(model, tx, optimizer.learning_rate_schedule(config.optimizer, total), mesh,
                                      shardings, sharding.batch_shardings(mesh, first), seed=0)

@@ -62,8 +62,10 @@ def prepare_jax(mode, args):
     import jax
 
     from entityclip_jax.config import default_config
-    from entityclip_jax.checkpoints import init_entityclip
-    from entityclip_jax.train import optimizer, sharding
+    from entityclip_jax.checkpoints.model_init import init_entityclip
+    from entityclip_jax.parallel import sharding
+    from entityclip_jax.parallel.mesh import make_mesh
+    from entityclip_jax.train import optimizer
     from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
     from entityclip_jax.train.step import make_train_step
 
@@ -72,7 +74,7 @@ def prepare_jax(mode, args):
     config.model.remat = args.remat
     config.batch_size = args.batch
     model, params = init_entityclip(jax.random.key(0), config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh)
     tx = optimizer.make_optimizer(config.optimizer, 1000, params)
     schedule = optimizer.learning_rate_schedule(config.optimizer, 1000)
     abstract = abstract_state(params, tx)

@@ -6,21 +6,20 @@ usually starts from default_config() below, which documents every knob.
 the way ml_collections' config_flags does (the ":b16" part is get_config's arg).
 """
 import difflib
-import json
 import re
 
-import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_dict import placeholder
 
 from entityclip_jax import storage
-from entityclip_jax.data.records import META_FILE
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip_config import PRESETS
-from entityclip_jax.models.entityclip import EntityCLIP
+from entityclip_jax.models.entityclip import MODES, EntityCLIPConfig
 from entityclip_jax.models.heads import HeadsConfig
+from entityclip_jax.parallel.mesh import check_mesh_axes, mesh_shape
+from entityclip_jax.parallel.sharding import STRATEGIES
 
 RANDOM_PREFIX = "random:"
 PRETRAINED_BY_PRESET = {"vit-b-32": "openai/clip-vit-base-patch32", "vit-b-16": "openai/clip-vit-base-patch16",
@@ -175,20 +174,29 @@ def _key_paths(config, prefix=""):
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-SHARDING_STRATEGIES = ("replicate", "fsdp")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("cosine", "constant")
+DISTRIBUTED_MODES = ("auto", "always", "never")
 
 
 def validate_config(config, device_count=None):
     """Every knob checked before any data is read; the first problem as one EntityClipError line.
 
-    device_count: jax.device_count() unless given (the global batch is split over all devices).
+    The one place that checks a config: train and plan run it, and the modules that read a
+    config (optimizer, sharding, the mesh, the checkpointer) rely on it. With device_count
+    (train: jax.device_count() once jax.distributed has started; plan: the target slice's),
+    the mesh and the batch must also fit that many devices (check_devices).
     """
     def fail(message):
         raise EntityClipError(message)
 
-    if config.model.dtype not in DTYPES:
-        fail(f"model.dtype {config.model.dtype!r} is not one of {DTYPES}")
-    _check_mesh(config.mesh)
+    for name, allowed in (("model.mode", MODES), ("model.dtype", DTYPES), ("optimizer.name", OPTIMIZERS),
+                          ("optimizer.schedule", SCHEDULES), ("checkpoint.best_mode", ("min", "max")),
+                          ("distributed.initialize", DISTRIBUTED_MODES)):
+        if _get(config, name) not in allowed:
+            fail(f"{name} {_get(config, name)!r} is not one of {allowed}")
+    if config.optimizer.name == "adam" and config.optimizer.weight_decay:
+        fail("optimizer.weight_decay needs optimizer.name='adamw' (Adam has none in the release)")
     for name, patterns in (("optimizer.freeze", config.optimizer.freeze),
                            ("optimizer.lr_multipliers", [p for p, _ in _pairs(config.optimizer.lr_multipliers,
                                                                               "optimizer.lr_multipliers")]),
@@ -204,8 +212,8 @@ def validate_config(config, device_count=None):
         if not isinstance(multiplier, (int, float)) or not multiplier >= 0:
             fail(f"optimizer.lr_multipliers: the multiplier of {pattern!r} must be a number >= 0, got {multiplier!r}")
     for pattern, strategy in _pairs(config.sharding.rules, "sharding.rules"):
-        if strategy not in SHARDING_STRATEGIES:
-            fail(f"sharding.rules: {pattern!r} -> {strategy!r}; the strategy must be one of {SHARDING_STRATEGIES}")
+        if strategy not in STRATEGIES:
+            fail(f"sharding.rules: {pattern!r} -> {strategy!r}; the strategy must be one of {STRATEGIES}")
     if not config.optimizer.learning_rate >= 0:  # also refuses NaN
         fail(f"optimizer.learning_rate must be >= 0, got {config.optimizer.learning_rate}")
     if config.num_train_steps == 0 or config.num_train_steps < -1:
@@ -220,14 +228,20 @@ def validate_config(config, device_count=None):
     if config.batch_size % config.accumulation_steps:
         fail(f"batch_size {config.batch_size} does not split into accumulation_steps={config.accumulation_steps} "
              "micro-batches; make it a multiple")
-    if device_count is None:
-        device_count = jax.device_count()
-    if config.batch_size % device_count:
-        fail(f"batch_size {config.batch_size} does not split over the {device_count} devices; use a multiple of "
-             f"{device_count}, e.g. --config.batch_size={max(1, config.batch_size // device_count) * device_count}")
+    check_mesh_axes(config.mesh)
     random_preset(config.model.init)  # a bare preset name is refused here, not after the data loads
-    _check_context_length(config)
+    if device_count is not None:
+        check_devices(config, device_count)
     return config
+
+
+def check_devices(config, device_count):
+    """The mesh and the global batch split over device_count devices."""
+    mesh_shape(config.mesh, device_count)
+    if config.batch_size % device_count:
+        raise EntityClipError(
+            f"batch_size {config.batch_size} does not split over the {device_count} devices; use a multiple of "
+            f"{device_count}, e.g. --config.batch_size={max(1, config.batch_size // device_count) * device_count}")
 
 
 def _get(config, dotted):
@@ -242,63 +256,15 @@ def _pairs(value, name):
     return list(value)
 
 
-def _check_mesh(mesh):
-    if isinstance(mesh, str) or not mesh:
-        raise EntityClipError(f"mesh must be ((axis name, size), ...), e.g. (('data', -1), ('fsdp', 1)); got {mesh!r}")
-    for axis in mesh:
-        if (not isinstance(axis, (tuple, list)) or len(axis) != 2 or not isinstance(axis[0], str)
-                or not isinstance(axis[1], int) or not (axis[1] >= 1 or axis[1] == -1)):
-            raise EntityClipError(f"mesh axis {axis!r} is not (name, size) with size >= 1 or -1; "
-                                  "write e.g. --config.mesh=\"(('data', -1), ('fsdp', 2))\"")
-    names = [name for name, _ in mesh]
-    if len(set(names)) != len(names):
-        raise EntityClipError(f"mesh {tuple(mesh)} repeats an axis name")
-    if sum(size == -1 for _, size in mesh) > 1:
-        raise EntityClipError(f"mesh {tuple(mesh)} has more than one axis of size -1; give all but one a size")
-
-
-def _check_context_length(config):
-    """Records tokenised longer than the text tower has positions would fail only at the first step."""
-    data_dir = config.data.dir
-    if not data_dir or not storage.path(data_dir).joinpath(META_FILE).is_file():
-        return  # the data checks report it
-    positions = _text_positions(config.model.init)
-    try:
-        length = int(json.loads(storage.path(data_dir).joinpath(META_FILE).read_text())["context_length"])
-    except (ValueError, KeyError, TypeError, OSError):
-        return  # read_meta reports a damaged meta file with its fix
-    if positions is not None and length > positions:
-        raise EntityClipError(f"the records in {data_dir} hold {length} tokens per text, but the text tower of "
-                              f"{config.model.init!r} has {positions} positions; write the records with "
-                              f"--context-length {positions}")
-
-
-def _text_positions(init):
-    """max_position_embeddings of model.init when cheap to know (preset or config file), else None."""
-    preset = str(init).removeprefix(RANDOM_PREFIX)
-    if preset in PRESETS:
-        return PRESETS[preset].text.max_position_embeddings
-    for name, path in (("clip_config.json", ("text", "max_position_embeddings")),
-                       ("config.json", ("text_config", "max_position_embeddings"))):
-        try:
-            value = json.loads(storage.path(str(init)).joinpath(name).read_text())
-        except (OSError, ValueError):
-            continue
-        for key in path:
-            value = value.get(key, {}) if isinstance(value, dict) else {}
-        return value if isinstance(value, int) else 77  # transformers' CLIPTextConfig default
-    return None
-
-
 def heads_config(config):
-    """The HeadsConfig for entityclip_loss from config.heads and the compute dtype."""
-    return HeadsConfig(dtype=config.model.dtype, **config.heads.to_dict())
+    """The HeadsConfig of config.heads."""
+    return HeadsConfig(**config.heads.to_dict())
 
 
 def model_from_config(config, clip_config):
-    """EntityCLIP description from the training config and the towers' architecture."""
-    return EntityCLIP(clip=clip_config, heads=heads_config(config), mode=config.model.mode,
-                      remat=config.model.remat)
+    """The EntityCLIPConfig of a training config and the towers' architecture."""
+    return EntityCLIPConfig(clip=clip_config, heads=heads_config(config), mode=config.model.mode,
+                            dtype=config.model.dtype, remat=config.model.remat)
 
 
 def random_preset(init):

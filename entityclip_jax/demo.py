@@ -22,19 +22,20 @@ import jax
 from PIL import Image
 
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads, save_towers
+from entityclip_jax.checkpoints.model_init import init_entityclip
+from entityclip_jax.checkpoints.towers import load_towers_and_heads, save_towers
 from entityclip_jax.cli import main as cli
+from entityclip_jax.commands.convert import export
 from entityclip_jax.config import load_config
-from entityclip_jax.convert.commands import export
+from entityclip_jax.data import explanation_cache
 from entityclip_jax.data.embedded import real_photo_records
 from entityclip_jax.data.pipeline import make_dataset, numpy_batches
 from entityclip_jax.data.synthetic import synthetic_examples
 from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.attention import draw_attention, expert_words
-from entityclip_jax.eval.commands import evaluate_retrieval, zero_shot_classification
 from entityclip_jax.eval.compare import compare_results
-from entityclip_jax.explain import cache
+from entityclip_jax.eval.evaluate import evaluate_retrieval, zero_shot_classification
 from entityclip_jax.explain.prompts import load_prompt
 from entityclip_jax.explain.runner import generate_explanations
 from entityclip_jax.models.clip_pixels import to_uint8
@@ -88,10 +89,10 @@ def make_raw_data(root, splits=SPLITS):
 def explain(explanations, cache_path, use_llm):
     """Gemma for a few real captions; every other explanation enters the cache as given."""
     llm_ids = [i for i in GEMMA_PHOTOS if i in explanations] if use_llm else []
-    with cache.CacheWriter(cache_path) as writer:
+    with explanation_cache.CacheWriter(cache_path) as writer:
         for example_id, (query, explanation) in explanations.items():
             if example_id not in llm_ids:
-                writer.write(cache.make_record(example_id, query, explanation, backend="embedded",
+                writer.write(explanation_cache.make_record(example_id, query, explanation, backend="embedded",
                                                model="hand-written", prompt_version="embedded"))
     if not llm_ids:
         return {}
@@ -100,7 +101,7 @@ def explain(explanations, cache_path, use_llm):
     backend = TransformersBackend()
     summary = generate_explanations([(i, explanations[i][0]) for i in llm_ids], cache_path, backend,
                                     load_prompt(chat=False), max_new_tokens=60, progress=False)
-    by_id, _ = cache.read_explanations(cache_path, model=backend.model)
+    by_id, _ = explanation_cache.read_explanations(cache_path, model=backend.model)
     print(f"Gemma: {summary}")
     for i in llm_ids:
         print(f"  {explanations[i][0]}\n    -> {by_id.get(i, '(failed: the cache keeps the reason)')}")
@@ -230,7 +231,7 @@ def _attention_view(run_dir, records, tokenizer_dir, results):
     """Figure 4: the top explanation words an explanation expert attends to, for one test example."""
     clip_config, tower_params, heads = load_towers_and_heads(run_dir)
     batch = next(numpy_batches(make_dataset(records, "test", batch_size=1, image_size=clip_config.vision.image_size,
-                                            train=False, process_index=0, process_count=1)))
+                                            train=False, process_index=0, process_count=1), (records, "test")))
     tokenizer = load_tokenizer(tokenizer_dir)
     image_words, query_words = expert_words(clip_config, tower_params, heads, batch["pixel_values"],
                                             batch["query_ids"], batch["explanation_ids"], tokenizer)[0]

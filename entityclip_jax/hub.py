@@ -3,7 +3,7 @@
 Beside storage.py (a path names local or gs:// storage), this names the third place
 weights live. The download, cache (HF_HOME / HF_HUB_CACHE) and offline mode
 (HF_HUB_OFFLINE) are huggingface_hub's own; only the files a CLIPModel (and an
-`entityclip export-hf` directory) needs are fetched. checkpoints.py opens what the
+`entityclip export-hf` directory) needs are fetched. checkpoints/towers.py opens what the
 snapshot holds; data/tokenizer.py reads a hub model's tokenizer files from it.
 """
 import os

@@ -70,7 +70,7 @@ def tiny_model(mode="entityclip"):
     """(EntityCLIP, params) of tiny_config(), initialised once per test session."""
     if mode not in _MODELS:
         import jax
-        from entityclip_jax.checkpoints import init_entityclip
+        from entityclip_jax.checkpoints.model_init import init_entityclip
         from entityclip_jax.config import model_from_config
         if "entityclip" not in _MODELS:
             _MODELS["entityclip"] = init_entityclip(jax.random.key(0), tiny_config())
@@ -83,7 +83,8 @@ def tiny_model(mode="entityclip"):
 
 def build_state(model, params, config, mesh, total_steps=10):
     """(train_step, state, shardings, tx) on `mesh` for config's optimizer and sharding rules."""
-    from entityclip_jax.train import optimizer, sharding
+    from entityclip_jax.parallel import sharding
+    from entityclip_jax.train import optimizer
     from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
     from entityclip_jax.train.step import make_train_step
     tx = optimizer.make_optimizer(config.optimizer, total_steps, params)

@@ -25,6 +25,7 @@ def run_python(code, *args):
                           cwd=BENCHMARKS.parent, timeout=600)
 
 
+@pytest.mark.slow  # three fresh processes importing JAX
 @pytest.mark.parametrize("name", ["bench_train_step.py", "bench_encode.py", "bench_retrieval.py"])
 def test_benchmark_imports_nothing_that_needs_tensorflow(name):
     statements = import_statements(BENCHMARKS / name)
@@ -38,6 +39,7 @@ def test_blocking_tensorflow_makes_an_import_of_it_fail():
     assert done.returncode != 0 and "import of tensorflow halted" in done.stderr
 
 
+@pytest.mark.slow  # runs two benchmarks
 def test_encode_and_retrieval_benchmarks_print_one_json_line_per_figure():
     run = BLOCK_TENSORFLOW + "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     done = run_python(run, "benchmarks/bench_encode.py", "--preset", "tiny", "--batch", "2", "--rounds", "2",

@@ -1,8 +1,9 @@
-"""Damaged checkpoints never restore silently: flipped bytes (caught by the chunks'
-CRC-32C even when the values stay finite), NaN or absurd values, truncated or
-deleted files. Training falls back to the step before, in one log line, and
-moves the damaged step aside; eval/export (checkpoints.load_towers) fall back too; no
-intact step left is a clear error."""
+"""Damaged checkpoints never restore silently: flipped bytes anywhere in the stored data
+(caught by the checksums of the values saved with each step, checkpoints/integrity.py,
+even when the values stay finite; no private Orbax function is patched for it), NaN or
+absurd values, truncated or deleted files, garbage metadata. Training falls back to the
+step before, in one log line, and moves the damaged step aside; eval/export
+(towers.load_towers) fall back too; no intact step left is a clear error."""
 import logging
 import os
 import shutil
@@ -14,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 
-from entityclip_jax import checkpoints
+from entityclip_jax.checkpoints import towers as checkpoints
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import sharding
+from entityclip_jax.checkpoints import run as ckpt
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
 from entityclip_jax.models.clip_config import PRESETS
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
 from tests._tiny_training import tiny_config
@@ -44,7 +46,7 @@ def saved(tmp_path_factory):
     """A workdir with checkpoints at steps 1..3 (keep=3) and the host state of each step."""
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(**{"checkpoint.keep": 3, "checkpoint.best_metric": ""})
-    state, _ = small_state(sharding.make_mesh(config.mesh))
+    state, _ = small_state(make_mesh(config.mesh))
     ckpt.write_run_files(workdir, PRESETS["tiny"], config)
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
     advance = jax.jit(lambda s: s.replace(step=s.step + 1, params=jax.tree.map(lambda x: x + 1.0, s.params)))
@@ -80,12 +82,19 @@ def largest_value(workdir, step):
     return max(values, key=lambda value: value[2])
 
 
-def flip_low_bit(workdir, step):
-    """Flips the lowest bit of a byte amid a stored chunk: the float stays finite and near its value."""
+def flip(workdir, step, where=0.5, count=1, mask=1):
+    """XORs `count` bytes of the step's largest stored chunk with `mask`, from `where` (a fraction of it)
+    on; the default flips one low bit mid-chunk: the float stays finite and near its value."""
     path, offset, length = largest_value(workdir, step)
     data = bytearray(open(path, "rb").read())
-    data[offset + length // 2] ^= 1
+    start = offset + min(int(length * where), length - count)
+    for i in range(start, start + count):
+        data[i] ^= mask
     open(path, "wb").write(bytes(data))
+
+
+def flip_low_bit(workdir, step):
+    flip(workdir, step)
 
 
 def truncate(workdir, step):
@@ -94,7 +103,7 @@ def truncate(workdir, step):
 
 
 def target(config):
-    return small_state(sharding.make_mesh(config.mesh))[1]
+    return small_state(make_mesh(config.mesh))[1]
 
 
 def resume(workdir, config):
@@ -109,17 +118,30 @@ def assert_state(state, expected):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), expected)
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete_data", "delete_state"])
+def garbage(path):
+    path.write_bytes(b"\x00garbage{not json")
+
+
+DAMAGE = {
+    "flip_low_bit_mid_chunk": lambda w: flip(w, 3),
+    "flip_first_byte": lambda w: flip(w, 3, where=0.0, mask=0xFF),   # a codec header: the read fails
+    "flip_last_byte": lambda w: flip(w, 3, where=1.0, mask=0x80),
+    "flip_16_bytes": lambda w: flip(w, 3, where=0.25, count=16, mask=0x5A),
+    "truncate_chunk": lambda w: truncate(w, 3),
+    "truncate_to_zero": lambda w: os.truncate(largest_value(w, 3)[0], 0),
+    "delete_data_file": lambda w: os.remove(largest_value(w, 3)[0]),
+    "delete_state": lambda w: shutil.rmtree(w / "checkpoints" / "3" / "state"),
+    "garbage_state_metadata": lambda w: garbage(w / "checkpoints" / "3" / "state" / "_METADATA"),
+    "garbage_manifest": lambda w: garbage(w / "checkpoints" / "3" / "state" / "manifest.ocdbt"),
+    "garbage_data_position": lambda w: garbage(w / "checkpoints" / "3" / "data" / "metadata"),
+    "garbage_checksums": lambda w: garbage(w / "checkpoints" / "3" / "integrity" / "metadata"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_resume_falls_back_to_the_step_before_a_damaged_one(run, damage, caplog):
     workdir, config, states = run
-    if damage == "flip":
-        flip_low_bit(workdir, 3)
-    elif damage == "truncate":
-        truncate(workdir, 3)
-    elif damage == "delete_data":
-        os.remove(largest_value(workdir, 3)[0])
-    else:
-        shutil.rmtree(workdir / "checkpoints" / "3" / "state")
+    DAMAGE[damage](workdir)
     with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
         state, position, step = resume(workdir, config)
     assert step == 2 and position == {"step": 2}
@@ -166,15 +188,17 @@ def test_no_intact_step_is_a_clear_error(run):
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # nothing moved
 
 
-def test_load_towers_skips_a_damaged_step(run, caplog):
+@pytest.mark.parametrize("damage", sorted(set(DAMAGE) - {"garbage_data_position"}))  # readers skip data/
+@pytest.mark.parametrize("reader", ["load_towers", "load_towers_and_heads"])  # eval and search | export-hf
+def test_readers_skip_a_damaged_step(run, damage, reader, caplog):
     workdir, _, states = run
-    flip_low_bit(workdir, 3)
+    DAMAGE[damage](workdir)
     with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
-        _, towers = checkpoints.load_towers(str(workdir))  # what eval, search and export-hf call
+        towers = getattr(checkpoints, reader)(str(workdir))[1]
     jax.tree.map(np.testing.assert_array_equal, towers, states[2].params["clip"])
     assert any("damaged checkpoint" in r.getMessage() and "checkpoints/3" in r.getMessage() for r in caplog.records)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]  # readers move nothing
-    with pytest.raises(EntityClipError, match=r"damaged checkpoint .*checkpoints/3"):
+    with pytest.raises(EntityClipError, match=r"checkpoints/3"):  # the step alone: nothing to fall back to
         checkpoints.load_towers(str(workdir / "checkpoints" / "3"))
 
 
@@ -198,23 +222,31 @@ def test_unwritable_workdir_fails_before_anything(tmp_path):
         ckpt.Checkpointer(tmp_path / "run", config.checkpoint)
 
 
-def test_an_error_that_is_not_damage_propagates_and_moves_nothing(run, monkeypatch):
-    workdir, config, _ = run
+def test_any_failure_to_read_a_step_is_that_steps_damage(run, monkeypatch, caplog):
+    """Whatever a reader raises, with whatever text (a status no list of names foresees): the
+    step cannot be read, so it is damaged and the step before it is used."""
+    workdir, config, states = run
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    restore = checkpointer.manager.restore
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug, not a damaged file")
-    monkeypatch.setattr(checkpointer.manager, "restore", broken)
-    with pytest.raises(RuntimeError, match="a bug"):
-        checkpointer.restore_latest_intact(target(config))
+    def failing_for_step_3(step, *args, **kwargs):
+        if step == 3:
+            raise RuntimeError("FAILED_PRECONDITION: ZSTD_decompressStream() failed\nsecond line")
+        return restore(step, *args, **kwargs)
+    monkeypatch.setattr(checkpointer.manager, "restore", failing_for_step_3)
+    with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
+        state, _, step = checkpointer.restore_latest_intact(target(config))
     checkpointer.close()
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
+    assert step == 2
+    assert_state(state, states[2])
+    assert any("checkpoints/3: RuntimeError: FAILED_PRECONDITION: ZSTD_decompressStream() failed" in r.getMessage()
+               and "second line" not in r.getMessage() for r in caplog.records)
 
 
 def test_checkpoints_written_before_the_checksums_still_restore(tmp_path):
-    """Steps saved as zarr2 by StandardCheckpointHandler (before this layout) resume and load."""
+    """Steps saved as zarr2 by StandardCheckpointHandler, without checksums (before 0.2), resume and load."""
     config = tiny_config()
-    state, restore_to = small_state(sharding.make_mesh(config.mesh))
+    state, restore_to = small_state(make_mesh(config.mesh))
     ckpt.write_run_files(tmp_path, PRESETS["tiny"], config)
     old = ocp.CheckpointManager(tmp_path / "checkpoints", item_handlers={
         "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})

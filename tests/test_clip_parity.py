@@ -7,8 +7,8 @@ import torch
 import transformers
 
 from conftest import tiny_hf_clip
-from entityclip_jax.convert.hf import expected_params
-from entityclip_jax.convert.layout import state_dict_to_flax
+from entityclip_jax.weights.hf import expected_params
+from entityclip_jax.weights.layout import state_dict_to_flax
 from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.models.clip_config import CLIPConfig
 
@@ -86,6 +86,7 @@ def test_token_features_match_at_every_position():
     np.testing.assert_allclose(ours[:, :6], unmasked[:, :6], atol=1e-5)
 
 
+@pytest.mark.slow  # a full-size ViT-B/32 in PyTorch and Flax
 def test_vit_b32_shape_matches_transformers():
     """The full ViT-B/32 architecture (openai/clip-vit-base-patch32's config), random weights."""
     hf_config = transformers.CLIPConfig(

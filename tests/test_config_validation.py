@@ -6,6 +6,7 @@ import pytest
 from entityclip_jax.cli import main as cli_main
 from entityclip_jax.config import default_config, validate_config
 from entityclip_jax.data import pipeline
+from entityclip_jax.data.records import SCHEMA_VERSION
 from entityclip_jax.errors import EntityClipError
 
 
@@ -51,15 +52,18 @@ def test_bad_config_is_one_line_before_data(override, message, records, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_context_length_longer_than_the_towers_positions(records):
-    config = default_config()
-    config.data.dir = str(records)
-    config.model.init = "random:vit-b-32"
-    with pytest.raises(EntityClipError, match="hold 100 tokens per text.*77 positions.*--context-length 77"):
-        validate_config(config, device_count=8)
-    config.model.init = "random:tiny"
-    with pytest.raises(EntityClipError, match="100 tokens per text"):
-        validate_config(config, device_count=8)
+@pytest.mark.parametrize("init", ["random:vit-b-32", "random:tiny"])
+def test_context_length_longer_than_the_towers_positions(records, tmp_path, init, capsys):
+    """Checked against the towers' architecture before any weight is read or anything written."""
+    meta = records / "entityclip_meta.json"
+    meta.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "context_length": 100,
+                                "splits": {"train": {"num_examples": 4096, "shards": []}}}))
+    code = cli_main(["train", "--config", "configs/tiny_cpu.py", "--workdir", str(tmp_path / "run"),
+                     f"--config.model.init={init}", f"--config.data.dir={records}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds texts of 100 tokens, the model has 77 positions" in err and "--context-length 77" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_default_and_shipped_configs_pass():

@@ -10,8 +10,8 @@ from flax import traverse_util
 
 from conftest import tiny_hf_clip
 from entityclip_jax.cli import main as cli_main
-from entityclip_jax.convert.hf import load_hf_checkpoint, save_hf_checkpoint
-from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
+from entityclip_jax.weights.hf import load_hf_checkpoint, save_hf_checkpoint
+from entityclip_jax.weights.openai import openai_to_flax, read_openai_checkpoint
 from entityclip_jax.errors import EntityClipError
 
 

@@ -2,10 +2,13 @@
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from entityclip_jax.cli import main as cli
 from entityclip_jax.eval.search import load_index
+
+pytestmark = pytest.mark.slow  # the whole pipeline, minutes
 
 
 def test_quick_demo_runs_every_stage_and_leaves_real_artefacts(tmp_path, capsys):
@@ -45,7 +48,8 @@ def _resume_from_export(workdir):
     import jax
     import numpy as np
 
-    from entityclip_jax.checkpoints import init_entityclip, load_towers_and_heads
+    from entityclip_jax.checkpoints.model_init import init_entityclip
+    from entityclip_jax.checkpoints.towers import load_towers_and_heads
     from entityclip_jax.config import load_config
 
     assert "entityclip_heads.safetensors" in os.listdir(workdir / "hf_export")

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from entityclip_jax.checkpoints import tower_source
-from entityclip_jax.config import model_from_config
+from entityclip_jax.checkpoints.model_init import tower_source
+from entityclip_jax.config import validate_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.models.clip_pixels import normalize, to_uint8
-from entityclip_jax.models.entityclip import abstract_params, compute_loss, encode_batch, pixels
+from entityclip_jax.models.entityclip import abstract_params
+from entityclip_jax.objective.batch_loss import compute_loss, encode_batch, pixels
 from tests._tiny_training import CONTEXT, EOS, VOCAB, random_batch, tiny_config, tiny_model
 
 
@@ -74,7 +75,7 @@ def test_normalised_pixels_draw_back_as_the_original_bytes():
 def test_bad_model_settings_are_refused(tiny_hf_dir):
     model, _ = tiny_model()
     with pytest.raises(EntityClipError, match="model.mode"):
-        model_from_config(tiny_config(**{"model.mode": "blip"}), model.clip)
+        validate_config(tiny_config(**{"model.mode": "blip"}))
     with pytest.raises(EntityClipError, match="random towers only"):
         tower_source(tiny_config(**{"model.init": tiny_hf_dir}))
     config = tiny_config(**{"model.init": tiny_hf_dir, "model.vocab_size": None, "model.eos_token_id": None})

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from entityclip_jax.checkpoints import save_towers
+from entityclip_jax.checkpoints.towers import save_towers
 from entityclip_jax.cli import main as cli
 from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import PRESETS
@@ -49,7 +49,7 @@ def reference_confusion_matrix(setup, class_names):
     import torch
     import transformers
 
-    from entityclip_jax.convert.layout import flax_to_state_dict
+    from entityclip_jax.weights.layout import flax_to_state_dict
     from entityclip_jax.data.pipeline import make_dataset, numpy_batches
     from entityclip_jax.data.tokenizer import load_tokenizer
 
@@ -86,7 +86,7 @@ def unit(x):
 
 def brute_force_metrics(setup):
     """The reference: the same embeddings, a full similarity matrix and sorted rows."""
-    from entityclip_jax.eval.commands import encode_split
+    from entityclip_jax.eval.evaluate import encode_split
     images, texts, _, _, _ = encode_split(setup["towers"], setup["records"], "val", 16)
     similarity = images @ texts.T
     n = len(similarity)
@@ -137,10 +137,10 @@ def test_eval_report_keeps_each_query_its_top_5_and_the_pictures(setup, capsys):
 
 def test_eval_report_of_a_large_split_samples_rows_and_keeps_their_pictures(setup, monkeypatch):
     """Past THUMBNAIL_LIMIT images, thumbnails of just the images the page shows (read by id)."""
-    from entityclip_jax.eval import commands
+    from entityclip_jax.eval import evaluate
     from entityclip_jax.eval.html_report import images_on_page, rows_on_page
     from entityclip_jax.eval.retrieval_details import load_results
-    monkeypatch.setattr(commands, "THUMBNAIL_LIMIT", 10)
+    monkeypatch.setattr(evaluate, "THUMBNAIL_LIMIT", 10)
     out = setup["root"] / "sampled_report"
     assert cli(["eval", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
                 "--out", str(out), "--batch-size", "16", "--report", "--report-rows", "4"]) == 0
@@ -167,6 +167,7 @@ def test_classify_command_predicts_what_the_embeddings_say(setup, capsys):
         assert png.size[0] > 200
 
 
+@pytest.mark.slow  # trains a model first
 def test_search_commands_find_the_described_image(trained, capsys):
     index = trained["root"] / "index.npz"
     assert cli(["search-index", "--checkpoint", trained["run"], "--records", trained["records"], "--split", "val",

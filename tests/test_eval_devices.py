@@ -9,13 +9,14 @@ from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.encode import clip_encoders, encode_dataset
 from entityclip_jax.models.clip import CLIPModel, init_params
 from entityclip_jax.models.clip_config import PRESETS
-from entityclip_jax.train import sharding
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
 from entityclip_jax.train.validation import Validator, validation_vtc_loss
 from tests._tiny_training import random_batch, tiny_config, tiny_model
 
 
 def one_device_mesh():
-    return sharding.make_mesh((("data", 1),), jax.devices()[:1])
+    return make_mesh((("data", 1),), jax.devices()[:1])
 
 
 def test_clip_encoders_split_the_batch_over_all_devices_and_match_one_device():
@@ -49,7 +50,7 @@ class _RandomBatchValidator(Validator):
 def test_validation_on_8_devices_equals_1_device():
     model, params = tiny_model()
     config = tiny_config(**{"eval.batch_size": 16, "batch_size": 8})
-    everywhere = _RandomBatchValidator(model, config, sharding.make_mesh((("data", -1),)))
+    everywhere = _RandomBatchValidator(model, config, make_mesh((("data", -1),)))
     alone = _RandomBatchValidator(model, config, one_device_mesh())
     got, want = everywhere(params), alone(params)
     assert got.keys() == want.keys()

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.explain import cache
+from entityclip_jax.data import explanation_cache
 from entityclip_jax.explain.backends import BackendError, Generation
 from entityclip_jax.explain.prompts import Prompt
 from entityclip_jax.explain.runner import generate_explanations
@@ -52,7 +52,7 @@ class ScriptedBackend:
 
 
 def records(path):
-    return list(cache.iter_records(path))
+    return list(explanation_cache.iter_records(path))
 
 
 def ok_ids(path):
@@ -62,23 +62,23 @@ def ok_ids(path):
 def test_read_explanations_hides_failures_and_torn_lines(tmp_path):
     path = tmp_path / "c.jsonl"
     with pytest.raises(EntityClipError, match="does not exist"):
-        cache.read_explanations(path)
+        explanation_cache.read_explanations(path)
     meta = dict(backend="b", model="m", prompt_version="v")
-    with cache.CacheWriter(path, sync_every=2) as writer:
-        writer.write(cache.make_record("1", "q1", None, status="failed", reason="timeout", **meta))
-        writer.write(cache.make_record("1", "q1", "first", **meta))
-        writer.write(cache.make_record("2", "q2", None, status="failed", reason="echo", **meta))
-        writer.write(cache.make_record("3", "q3", "other model", **{**meta, "model": "m2"}))
-        writer.write(cache.make_record("1", "q1", "second", **meta))
+    with explanation_cache.CacheWriter(path, sync_every=2) as writer:
+        writer.write(explanation_cache.make_record("1", "q1", None, status="failed", reason="timeout", **meta))
+        writer.write(explanation_cache.make_record("1", "q1", "first", **meta))
+        writer.write(explanation_cache.make_record("2", "q2", None, status="failed", reason="echo", **meta))
+        writer.write(explanation_cache.make_record("3", "q3", "other model", **{**meta, "model": "m2"}))
+        writer.write(explanation_cache.make_record("1", "q1", "second", **meta))
     with open(path, "a") as f:
         f.write('{"id": "4", "query": "q4", "explanation": "torn", "st')
-    by_id, by_query = cache.read_explanations(path)
+    by_id, by_query = explanation_cache.read_explanations(path)
     assert by_id == {"1": "second", "3": "other model"} and by_query == {"q1": "second", "q3": "other model"}
-    assert cache.read_explanations(path, model="m")[0] == {"1": "second"}
+    assert explanation_cache.read_explanations(path, model="m")[0] == {"1": "second"}
     failed = [r for r in records(path) if r["status"] == "failed"]
     assert [(r["id"], r["reason"]) for r in failed] == [("1", "timeout"), ("2", "echo")]
     size = path.stat().st_size
-    with cache.CacheWriter(path) as writer:   # the writer cuts the torn tail before appending
+    with explanation_cache.CacheWriter(path) as writer:   # the writer cuts the torn tail before appending
         assert writer.torn_bytes == len('{"id": "4", "query": "q4", "explanation": "torn", "st')
     assert path.stat().st_size == size - writer.torn_bytes
     assert all(line.endswith("}") for line in path.read_text().splitlines())
@@ -120,7 +120,7 @@ def test_dedup_retries_and_failures_then_resume(tmp_path):
     assert set(backend.calls) == {"Serena wins", "Pope visits Rome", QUEEN}
     assert summary.complete and summary.cached == 2 and summary.generated == 3
     assert ok_ids(path) == {i: 1 for i in "abcdef"}
-    by_id, by_query = cache.read_explanations(path)
+    by_id, by_query = explanation_cache.read_explanations(path)
     assert by_id["d"] == good("Serena wins") and len(by_query) == 5
 
     # A new prompt version is a new cache key: everything is generated again.
@@ -133,8 +133,8 @@ def test_dedup_retries_and_failures_then_resume(tmp_path):
 def test_resume_after_kill_writes_missing_ids_without_generating(tmp_path):
     path = tmp_path / "c.jsonl"
     meta = dict(backend="scripted", model="scripted-model", prompt_version=PROMPT.version)
-    with cache.CacheWriter(path) as writer:  # a killed run: one of two ids of a query written, a torn line
-        writer.write(cache.make_record("a", "Merkel in Berlin", good("Merkel in Berlin"), **meta))
+    with explanation_cache.CacheWriter(path) as writer:  # a killed run: one of two ids of a query written, a torn line
+        writer.write(explanation_cache.make_record("a", "Merkel in Berlin", good("Merkel in Berlin"), **meta))
     with open(path, "a") as f:
         f.write('{"id": "c", "query": "Merkel in Ber')
     backend = ScriptedBackend()
@@ -192,7 +192,7 @@ def test_capdsc_import_with_and_without_a_source(tmp_path):
     out = tmp_path / "c.jsonl"
     counts = import_capdsc(capdsc, out, read_source("jsonl", str(root), "test", SkipReport()))
     assert counts == {"imported": 2, "example_without_explanation": 1}
-    by_id, by_query = cache.read_explanations(out)
+    by_id, by_query = explanation_cache.read_explanations(out)
     assert by_id == {"id0": "Explains a.", "id1": "Explains b."}
     assert by_query == {"caption 0": "Explains a.", "caption 1": "Explains b."}
     assert {r["model"] for r in records(out)} == {RELEASE_MODEL}
@@ -202,7 +202,7 @@ def test_capdsc_import_with_and_without_a_source(tmp_path):
     bare = tmp_path / "bare.jsonl"
     counts = import_capdsc(capdsc, bare)
     assert counts == {"imported": 3}
-    assert cache.read_explanations(bare)[0] == {"/home/authors/img/bbc/a.jpg": "Explains a.",
+    assert explanation_cache.read_explanations(bare)[0] == {"/home/authors/img/bbc/a.jpg": "Explains a.",
                                                "b.jpg": "Explains b.", "zzz.jpg": "No example has it."}
 
 
@@ -214,7 +214,7 @@ def test_cli_explain_import(tmp_path, capsys):
     out = tmp_path / "c.jsonl"
     assert main(["explain-import", "--capdsc", str(capdsc), "--out", str(out)]) == 0
     assert "imported=2" in capsys.readouterr().err
-    assert cache.read_explanations(out)[0] == {"images/1.jpg": "One.", "2.jpg": "Two."}
+    assert explanation_cache.read_explanations(out)[0] == {"images/1.jpg": "One.", "2.jpg": "Two."}
     assert main(["explain-import", "--capdsc", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -222,14 +222,14 @@ def test_cli_explain_import(tmp_path, capsys):
 def test_a_last_record_missing_only_its_newline_is_kept(tmp_path):
     path = tmp_path / "c.jsonl"
     meta = dict(backend="b", model="m", prompt_version="v")
-    with cache.CacheWriter(path) as writer:
-        writer.write(cache.make_record("1", "q1", "first", **meta))
-    last = json.dumps(cache.make_record("2", "q2", "second", **meta))
+    with explanation_cache.CacheWriter(path) as writer:
+        writer.write(explanation_cache.make_record("1", "q1", "first", **meta))
+    last = json.dumps(explanation_cache.make_record("2", "q2", "second", **meta))
     with open(path, "a") as f:
         f.write(last)  # e.g. a file edited by hand, or copied without its final newline
-    assert cache.read_explanations(path)[0] == {"1": "first", "2": "second"}
-    with cache.CacheWriter(path) as writer:  # the writer keeps it and appends after it
+    assert explanation_cache.read_explanations(path)[0] == {"1": "first", "2": "second"}
+    with explanation_cache.CacheWriter(path) as writer:  # the writer keeps it and appends after it
         assert writer.torn_bytes == 0
-        writer.write(cache.make_record("3", "q3", "third", **meta))
-    assert cache.read_explanations(path)[0] == {"1": "first", "2": "second", "3": "third"}
+        writer.write(explanation_cache.make_record("3", "q3", "third", **meta))
+    assert explanation_cache.read_explanations(path)[0] == {"1": "first", "2": "second", "3": "third"}
     assert path.read_text().splitlines()[1] == last

@@ -9,12 +9,15 @@ import time
 
 import pytest
 
-from entityclip_jax.explain import cache, prompts, quality
+from entityclip_jax.data import explanation_cache
+from entityclip_jax.explain import prompts, quality
 from entityclip_jax.explain.runner import generate_explanations
 
 CAPTIONS = ["Angela Merkel speaks at a press conference in Berlin.",
             "Barack Obama shakes hands with Vladimir Putin at the G20 summit.",
             "Pope Francis greets pilgrims in St. Peter's Square at the Vatican."]
+
+pytestmark = pytest.mark.slow  # a real LLM
 
 
 def test_gemma_explains_real_captions(tmp_path):
@@ -31,7 +34,7 @@ def test_gemma_explains_real_captions(tmp_path):
                                     prompts.FEW_SHOT, max_new_tokens=56, progress=False)
     print(f"\nload {loaded - started:.1f} s, generation {summary.seconds:.1f} s")
     print(summary)
-    records = list(cache.iter_records(path))
+    records = list(explanation_cache.iter_records(path))
     for record in records:
         print(record["status"], record.get("reason"), "|", record["query"], "->", record["explanation"])
     assert backend.model == "gemma-3-270m-q4_k_m.gguf"

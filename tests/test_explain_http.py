@@ -22,7 +22,8 @@ import time
 
 import pytest
 
-from entityclip_jax.explain import cache, prompts
+from entityclip_jax.data import explanation_cache
+from entityclip_jax.explain import prompts
 from entityclip_jax.explain.backends import BackendError
 from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend, parse_retry_after
 from entityclip_jax.explain.runner import generate_explanations
@@ -160,8 +161,8 @@ def test_every_fault_is_retried_or_recorded_with_its_reason(fake_server, tmp_pat
     summary = generate_explanations(queries, path, backend_for(url), prompts.INSTRUCTION, concurrency=4,
                                     quality_retries=1, progress=False)
     print(summary)
-    by_id = {r["id"]: r for r in cache.iter_records(path)}
-    assert len(by_id) == len(queries) == len(list(cache.iter_records(path)))
+    by_id = {r["id"]: r for r in explanation_cache.iter_records(path)}
+    assert len(by_id) == len(queries) == len(list(explanation_cache.iter_records(path)))
     for record_id, query in queries:
         record = by_id[record_id]
         if query in hopeless:
@@ -187,7 +188,7 @@ def test_every_fault_is_retried_or_recorded_with_its_reason(fake_server, tmp_pat
                                     progress=False)
     assert summary.complete and summary.generated == len(hopeless) and summary.cached == len(recoverable)
     assert all(state.attempts[q] == seen[q] for q in recoverable)
-    ok = collections.Counter(r["id"] for r in cache.iter_records(path) if r["status"] == "ok")
+    ok = collections.Counter(r["id"] for r in explanation_cache.iter_records(path) if r["status"] == "ok")
     assert ok == {record_id: 1 for record_id, _ in queries}
 
 
@@ -201,7 +202,7 @@ def test_completions_endpoint_key_and_stop(fake_server, tmp_path, monkeypatch):
     assert summary.complete
     (_, endpoint, _, payload), = state.requests
     assert endpoint == "/v1/completions" and payload["stop"] == ["\n"] and payload["prompt"].endswith("Explanation:")
-    assert cache.read_explanations(path)[0] == {"1": good_answer("Angela Merkel in Berlin")}
+    assert explanation_cache.read_explanations(path)[0] == {"1": good_answer("Angela Merkel in Berlin")}
     monkeypatch.delenv("FAKE_KEY")
     with pytest.raises(BackendError, match="401"):
         generate_explanations([("2", "Obama in Paris")], path, backend_for(url, api_key_env="FAKE_KEY"),
@@ -235,6 +236,7 @@ def wait_for_lines(path, count, process, limit=30):
     raise AssertionError(f"{path} never reached {count} lines")
 
 
+@pytest.mark.slow  # kill and resume
 def test_kill_client_kill_server_interrupt_then_resume(tmp_path):
     queries = [(f"id{i}", f"Person number {i % 100} at event {i % 100}") for i in range(120)]  # 20 duplicates
     queries_file = tmp_path / "queries.jsonl"
@@ -249,7 +251,7 @@ def test_kill_client_kill_server_interrupt_then_resume(tmp_path):
         client.kill()
         client.wait()
         time.sleep(0.3)
-        done_before = {r["query"] for r in cache.iter_records(out) if r["status"] == "ok"}
+        done_before = {r["query"] for r in explanation_cache.iter_records(out) if r["status"] == "ok"}
         requests_before = log.read_text().count("\n")
         with open(out, "a") as f:
             f.write('{"id": "id59", "query": "Person num')
@@ -263,7 +265,7 @@ def test_kill_client_kill_server_interrupt_then_resume(tmp_path):
         _, err = client.communicate(timeout=60)
         print(err)
         assert client.returncode == 1 and "stopped early" in err
-        reasons = {r.get("reason") for r in cache.iter_records(out) if r["status"] == "failed"}
+        reasons = {r.get("reason") for r in explanation_cache.iter_records(out) if r["status"] == "failed"}
         assert reasons and reasons <= {"connection", "timeout"}
 
         # 3. server back on the same port; Ctrl-C mid-run ends cleanly with exit code 130.
@@ -284,11 +286,11 @@ def test_kill_client_kill_server_interrupt_then_resume(tmp_path):
     finally:
         server.kill()
         server.wait()
-    records = list(cache.iter_records(out))
+    records = list(explanation_cache.iter_records(out))
     ok = collections.Counter(r["id"] for r in records if r["status"] == "ok")
     assert ok == {record_id: 1 for record_id, _ in queries}
     assert len(records) == len(out.read_text().splitlines())   # no torn or merged line is left
-    by_id, _ = cache.read_explanations(out)
+    by_id, _ = explanation_cache.read_explanations(out)
     assert all(by_id[i] == good_answer(q) for i, q in queries)
     # Nothing finished before the first kill was asked for again.
     asked_later = set(log.read_text().splitlines()[requests_before:])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from entityclip_jax.explain import cache
+from entityclip_jax.data import explanation_cache
 from entityclip_jax.explain.prompts import Prompt
 from entityclip_jax.explain.runner import generate_explanations
 
@@ -122,7 +122,7 @@ def test_cache_generates_each_distinct_query_once(backend, tmp_path):
         summary = generate_explanations(queries, path, backend, prompt, max_new_tokens=6,
                                         quality_retries=0, progress=False)
         assert sorted(calls.values()) == [1, 1, 1] and len(calls) == 3
-        records = list(cache.iter_records(path))
+        records = list(explanation_cache.iter_records(path))
         assert sorted(r["id"] for r in records) == ["a", "b", "c", "d", "e"]
         by_id = {r["id"]: r for r in records}
         assert by_id["a"]["explanation"] == by_id["c"]["explanation"]
@@ -158,4 +158,4 @@ def test_cli_explain_with_a_local_model_directory(tiny_lm_dir, tmp_path):
     assert summary["ids"] == 3 and summary["queries"] == 2 and summary["input"]["by_reason"] == {"bad_line": 1}
     assert summary["prompt_version"].startswith("prompt-") and summary["model"] == "tiny_lm0"
     assert summary["generated"] + summary["failed"] == 2 and code == (0 if summary["failed"] == 0 else 1)
-    assert sorted(r["id"] for r in cache.iter_records(out)) == ["1", "2", "3"]
+    assert sorted(r["id"] for r in explanation_cache.iter_records(out)) == ["1", "2", "3"]

@@ -5,7 +5,7 @@ import stat
 import pytest
 
 from entityclip_jax.cli import main as cli_main
-from entityclip_jax.convert.hf import EXPORT_MARKER, load_hf_checkpoint, save_hf_checkpoint
+from entityclip_jax.weights.hf import EXPORT_MARKER, load_hf_checkpoint, save_hf_checkpoint
 
 
 @pytest.fixture

@@ -14,14 +14,16 @@ import urllib.request
 
 import pytest
 
-from entityclip_jax.train.checkpoint import CLIP_CONFIG
-from entityclip_jax.train.run_config import TRAIN_CONFIG
-from entityclip_jax.train.tokenizer_match import RUN_TOKENIZER
+from entityclip_jax.checkpoints.run import TOWERS_CONFIG
+from entityclip_jax.checkpoints.run_config import TRAIN_CONFIG
+from entityclip_jax.checkpoints.run_tokenizer import RUN_TOKENIZER
 from tests import gcs_emulator
 from tests._raw_layouts import write_tiny_clip_tokenizer
 
 ROOT = pathlib.Path(__file__).parents[1]
 BUCKET = "e2e"
+
+pytestmark = pytest.mark.slow  # every stage on the GCS emulator, with a kill
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +104,7 @@ def test_records_train_kill_resume_eval_export_all_on_gcs(emulator, tmp_path):
     objects = emulator.objects(BUCKET)
     steps = [json.loads(line)["step"] for line in _read(emulator, "run/metrics.jsonl").decode().splitlines()]
     assert steps == list(range(1, 7))  # the killed run's lines after its checkpoint were dropped, none lost
-    for name in (TRAIN_CONFIG, CLIP_CONFIG, RUN_TOKENIZER, "configs/train_config.0.json"):
+    for name in (TRAIN_CONFIG, TOWERS_CONFIG, RUN_TOKENIZER, "configs/train_config.0.json"):
         assert f"run/{name}" in objects, name
     assert "run/checkpoints/6/commit_success.txt" in objects
     assert any(name.startswith("run/events.out.tfevents.") for name in objects), objects  # TensorBoard via TF's gs://

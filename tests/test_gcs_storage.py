@@ -15,7 +15,7 @@ import safetensors.numpy
 
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.explain.cache import CacheWriter
+from entityclip_jax.data.explanation_cache import CacheWriter
 from tests import gcs_emulator
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -48,7 +48,7 @@ ON_GCS = r'''
 import json, pathlib, sys
 from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.explain.cache import CacheWriter
+from entityclip_jax.data.explanation_cache import CacheWriter
 root, local = sys.argv[1], sys.argv[2]
 lines = storage.JsonLines(storage.join(root, "metrics.jsonl"), flush_seconds=3600)
 lines.append({"step": 1}); lines.append({"step": 2})
@@ -154,15 +154,15 @@ HF_ON_GCS = r'''
 import json, os, sys
 import numpy as np
 from entityclip_jax import cli, storage
-from entityclip_jax.eval.search_command import _tokenizer
-from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.commands.search import _tokenizer
+from entityclip_jax.checkpoints.towers import load_towers
 local, root = sys.argv[1], sys.argv[2]
 for name in os.listdir(local):
     storage.copy(os.path.join(local, name), root + "/hf/" + name)
 code = cli.main(["import-hf", root + "/hf", root + "/towers"])
 _, params = load_towers(root + "/towers")
 tokenizer = _tokenizer(None, root + "/hf")   # the gs:// checkpoint's own vocab.json + merges.txt
-from entityclip_jax.convert.openai import read_openai_checkpoint
+from entityclip_jax.weights.openai import read_openai_checkpoint
 storage.copy(sys.argv[3], root + "/openai.safetensors")
 openai = {k: v.tolist() for k, v in read_openai_checkpoint(root + "/openai.safetensors").items()}
 print(json.dumps({"code": code, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint,
@@ -192,14 +192,14 @@ def test_import_hf_openai_file_and_search_tokenizer_from_gcs(gcs, tmp_path):
     np.testing.assert_array_equal(result["visual_projection"], state["visual_projection.weight"].T)
     assert (result["vocab_size"], result["fingerprint"]) == (reference.vocab_size, reference.fingerprint)
     assert result["ids"] == reference.encode(["the coach of Real Madrid"])[0][0, :8].tolist()
-    assert "b/towers/clip_config.json" in gcs.objects("paths")
+    assert "b/towers/towers_config.json" in gcs.objects("paths")
 
 
 EXPLAIN_INPUTS_ON_GCS = r'''
 import json, sys, types
 from entityclip_jax import storage
 from entityclip_jax.data.example import SkipReport
-from entityclip_jax.explain.commands import _queries
+from entityclip_jax.commands.explain import _queries
 from entityclip_jax.explain.prompts import load_prompt
 root = sys.argv[1]
 storage.path(root + "/queries.jsonl").write_text('{"id": "q1", "query": "Obama in Berlin"}\nnot json\n'

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from entityclip_jax import cli
-from entityclip_jax.checkpoints import describe_init, init_entityclip, load_towers
+from entityclip_jax.checkpoints.model_init import describe_init, init_entityclip
+from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.config import random_preset
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
@@ -148,8 +149,9 @@ def test_random_towers_must_be_explicit(capsys, monkeypatch, tmp_path):
 
     def stop(*_):
         raise Stop
-    monkeypatch.setattr(loop.data, "steps_per_epoch", lambda *_: 1)
-    monkeypatch.setattr(loop, "init_entityclip", stop)
+    monkeypatch.setattr(loop.input_stream, "steps_per_epoch", lambda *_: 1)
+    monkeypatch.setattr(loop, "_check_data_fits", lambda *_: True)
+    monkeypatch.setattr(loop.run_format, "write_run_files", stop)  # right after the first line
     with pytest.raises(Stop):
         loop.train(tiny_config(), str(tmp_path / "run"))
     first_line = capsys.readouterr().out.splitlines()[0]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from entityclip_jax import hard_negatives, losses
-from entityclip_jax.hard_negatives import sample_hard_negatives
+from entityclip_jax.objective import hard_negatives, losses
+from entityclip_jax.objective.hard_negatives import sample_hard_negatives
 from entityclip_jax.models.heads import HeadsConfig
 
 B, S_IMG, L, D = 4, 5, 7, 8
@@ -166,7 +166,7 @@ CFG_FAITHFUL = HeadsConfig(num_image_experts=N_V, num_explanation_experts=N_S, n
                            faithful_release=True)
 # j != i and j' != i, and not a mere shift, so gathers in the wrong direction fail.
 NEG_TEXT, NEG_IMAGE = np.array([2, 3, 0, 1]), np.array([1, 0, 3, 0])
-LOSS = jax.jit(losses.entityclip_loss, static_argnums=4)  # one compilation cache for the tests
+LOSS = jax.jit(losses.entityclip_loss_given_negatives, static_argnums=4)  # one compilation cache for the tests
 
 
 # ---- tests ----
@@ -294,6 +294,7 @@ def test_entityclip_loss_matches_numpy(cfg):
     assert 0.0 <= float(metrics["itm_accuracy"]) <= 1.0
 
 
+@pytest.mark.slow  # compiles the loss's gradient
 def test_gradient_reaches_every_parameter_with_sampled_negatives():
     _, heads, features = random_problem(seed=2)
     features = to_jax_features(features)

@@ -32,15 +32,17 @@ import jax
 import numpy as np
 import pytest
 
-from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.config import load_config
-from entityclip_jax.train import data, loop
+from entityclip_jax.train import input_stream, loop
 from tests._tiny_training import write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.py")
 PROCESSES = 2
 STEPS = 24  # room for the SIGTERM to land mid-run on a busy machine
+
+pytestmark = pytest.mark.slow  # several JAX processes
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def metrics(workdir):
 def reference(records, tmp_path_factory):
     """1 process, 8 devices, each global batch = process 0's share then process 1's."""
     workdir = tmp_path_factory.mktemp("one_process")
-    real = data.host_batches
+    real = input_stream.host_batches
 
     def both_shares(config, image_size, start_step, steps_in_epoch, process_index, process_count):
         assert (process_index, process_count) == (0, 1)
@@ -127,7 +129,7 @@ def reference(records, tmp_path_factory):
             parts = [next(share) for share in shares]
             yield {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(data, "host_batches", both_shares)
+        patch.setattr(input_stream, "host_batches", both_shares)
         loop.train(load_config(CONFIG, settings(records)), str(workdir))
     return workdir
 

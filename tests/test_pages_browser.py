@@ -73,7 +73,7 @@ def site(tmp_path_factory):
 
     import jax
 
-    from entityclip_jax.checkpoints import save_towers
+    from entityclip_jax.checkpoints.towers import save_towers
     from entityclip_jax.config import load_config
     from entityclip_jax.models.clip import init_params
     from entityclip_jax.models.clip_config import PRESETS

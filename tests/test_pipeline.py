@@ -52,7 +52,7 @@ def shard_ids(data_dir):
 def eval_batches(data_dir, process_index, process_count, batch_size=3, **kw):
     ds = pipeline.make_dataset(data_dir, "test", batch_size=batch_size, image_size=32, train=False,
                                process_index=process_index, process_count=process_count, **kw)
-    return list(pipeline.numpy_batches(ds))
+    return list(pipeline.numpy_batches(ds, (data_dir, "test")))
 
 
 @pytest.mark.parametrize("process_count", [2, 4])  # 4 > 3 files: examples are sharded instead of files
@@ -166,7 +166,9 @@ def test_corrupt_record_inside_a_shard_is_a_clear_error(data_dir, tmp_path):
     ds = pipeline.make_dataset(damaged, "test", batch_size=3, image_size=32, train=False,
                                process_index=0, process_count=1)
     with pytest.raises(EntityClipError, match=f"shard {victim} is corrupt"):  # also after skip/take
-        list(pipeline.numpy_batches(ds.skip(0).take(100)))
+        list(pipeline.numpy_batches(ds.skip(0).take(100), (damaged, "test")))
+    with pytest.raises(EntityClipError, match="a shard of this dataset is corrupt"):  # no source: no name
+        list(pipeline.numpy_batches(ds))
     problems = pipeline.verify_shards(damaged, "test")
     assert [file for file, _ in problems] == [str(victim)]
     assert pipeline.verify_shards(data_dir, "test") == []

@@ -11,7 +11,7 @@ import torch
 from flax import traverse_util
 from torch import nn
 
-from entityclip_jax.convert.release import (
+from entityclip_jax.weights.release import (
     release_expert_counts, release_heads_to_flax, split_release_state_dict)
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models import gi_itm
@@ -156,7 +156,8 @@ def test_release_checkpoint_initialises_training(tmp_path):
     with every weight it holds, and evaluates as plain towers."""
     import pathlib
 
-    from entityclip_jax.checkpoints import init_entityclip, load_towers
+    from entityclip_jax.checkpoints.model_init import init_entityclip
+    from entityclip_jax.checkpoints.towers import load_towers
     from entityclip_jax.config import load_config
     from tests.test_convert import openai_state_dict_from_hf, tiny_openai_model
 

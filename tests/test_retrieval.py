@@ -222,7 +222,7 @@ def test_clip_encoders_equal_transformers_pytorch_clip(tiny_hf_dir):
     import torch
     import transformers
 
-    from entityclip_jax.checkpoints import load_towers
+    from entityclip_jax.checkpoints.towers import load_towers
     from entityclip_jax.eval.encode import clip_encoders
     from entityclip_jax.models.clip import CLIPModel
 

@@ -285,7 +285,7 @@ def test_attach_keeps_given_explanations_and_checks_policy(tmp_path):
 
 def test_check_source_command(tmp_path, capsys):
     import argparse
-    from entityclip_jax.data import commands
+    from entityclip_jax.commands import records as commands
     root = write_n24news(tmp_path / "n24", layout="entityclip")
     (root / "imgs" / "dev001.jpg").unlink()
     parser = argparse.ArgumentParser()

@@ -245,7 +245,7 @@ def test_bad_tokenizer_paths_are_refused(tmp_path):
 
 def test_cli_writes_hf_files(tmp_path, capsys):
     import argparse
-    from entityclip_jax.data import commands
+    from entityclip_jax.commands import records as commands
     parser = argparse.ArgumentParser()
     commands.configure_tokenizer(parser)
     out = tmp_path / "hf"

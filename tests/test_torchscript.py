@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from entityclip_jax.cli import main as cli_main
-from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
+from entityclip_jax.weights.openai import openai_to_flax, read_openai_checkpoint
 from entityclip_jax.errors import EntityClipError
 from tests.test_convert import openai_state_dict_from_hf, tiny_openai_model
 

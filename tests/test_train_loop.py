@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from entityclip_jax import cli
-from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.config import load_config
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import data, loop, sharding
+from entityclip_jax.checkpoints import run as ckpt
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
+from entityclip_jax.train import input_stream, loop
 from tests._tiny_training import write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -56,6 +58,7 @@ def reference_run(records, tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.slow  # a real training run
 def test_tiny_entityclip_learns_from_tfrecords_on_8_devices(reference_run):
     assert len(jax.devices()) == 8
     workdir, summary = reference_run
@@ -73,10 +76,11 @@ def test_tiny_entityclip_learns_from_tfrecords_on_8_devices(reference_run):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     with open(os.path.join(workdir, ckpt.TRAIN_CONFIG)) as f:
         saved_config = json.load(f)
-    assert ckpt.read_clip_config(workdir).text.vocab_size == saved_config["model"]["vocab_size"] == 300
+    assert ckpt.read_towers_config(workdir).text.vocab_size == saved_config["model"]["vocab_size"] == 300
     assert summary["best_step"] in (16, 32)
 
 
+@pytest.mark.slow  # kill and resume
 def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_run, tmp_path):
     reference_dir, _ = reference_run
     workdir = tmp_path / "killed"
@@ -107,6 +111,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_r
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), towers, reference_towers)
 
 
+@pytest.mark.slow  # kill and resume
 def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, tmp_path, monkeypatch):
     config = load_config(str(ROOT / "configs" / "tiny_cpu.py"), overrides(
         records, **{"model.mode": "clip_finetune", "num_train_steps": 8, "checkpoint.every_steps": 2,
@@ -151,20 +156,20 @@ def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, t
 
 
 def test_batches_are_put_on_the_devices_ahead_in_order():
-    mesh = sharding.make_mesh((("data", -1),))
+    mesh = make_mesh((("data", -1),))
     taken = []
 
     def host_batches():
         for i in range(5):
             taken.append(i)
             yield {"x": np.full((8, 2), i, np.float32)}
-    batches = data.device_batches(host_batches(), mesh, prefetch=2)
+    batches = input_stream.device_batches(host_batches(), mesh, prefetch=2)
     first = next(batches)
     assert taken == [0, 1, 2]  # two more already on their way to the devices
     assert first["x"].sharding.spec == sharding.batch_spec(mesh, 2)
     rest = list(batches)
     assert [int(b["x"][0, 0]) for b in [first, *rest]] == [0, 1, 2, 3, 4]
-    assert [int(b["x"][0, 0]) for b in data.device_batches(host_batches(), mesh, prefetch=0)] == [0, 1, 2, 3, 4]
+    assert [int(b["x"][0, 0]) for b in input_stream.device_batches(host_batches(), mesh, prefetch=0)] == [0, 1, 2, 3, 4]
 
 
 def test_train_command_reports_bad_overrides(tmp_path, capsys):

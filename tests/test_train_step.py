@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from entityclip_jax.config import model_from_config
+from entityclip_jax.config import model_from_config, validate_config
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.train import optimizer, sharding
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
+from entityclip_jax.train import optimizer
 from entityclip_jax.train.step import loss_and_grads
 from tests._tiny_training import build_state, random_batch, tiny_config, tiny_model
 
@@ -26,7 +28,7 @@ MESHES = {
 def one_step(mesh_axes, rules, devices=None, steps=1):
     model, params = tiny_model()
     config = tiny_config(**GRADIENT_LIKE, **{"mesh": mesh_axes, "sharding.rules": rules})
-    mesh = sharding.make_mesh(config.mesh, devices)
+    mesh = make_mesh(config.mesh, devices)
     step, state, _, _ = build_state(model, params, config, mesh)
     batch = jax.device_put(random_batch(BATCH), sharding.batch_shardings(mesh, random_batch(BATCH)))
     for _ in range(steps):
@@ -48,6 +50,7 @@ def assert_same_step(result, single_device_step):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params_8, params_1)
 
 
+@pytest.mark.slow  # compiles the whole step (test_resume trains through it)
 def test_single_device_step_moves_every_parameter(single_device_step):
     _, params_1, _, _ = single_device_step
     _, initial = tiny_model()
@@ -58,6 +61,7 @@ def test_single_device_step_moves_every_parameter(single_device_step):
     assert set(params_1) == {"clip", "heads"} and max(jax.tree.leaves(moved)) > 1e-3
 
 
+@pytest.mark.slow  # another compile of the step (data8 stays fast)
 def test_fsdp_step_equals_single_device(single_device_step):
     with jax.default_matmul_precision("highest"):
         result = one_step(*MESHES["data2_fsdp4"])
@@ -66,6 +70,7 @@ def test_fsdp_step_equals_single_device(single_device_step):
     assert "fsdp" in str(kernel.sharding.spec)  # really sharded, not silently replicated
 
 
+@pytest.mark.slow  # compiles the whole step twice
 def test_data8_step_equals_single_device_and_compiles_once(single_device_step):
     assert len(jax.devices()) == 8
     with jax.default_matmul_precision("highest"):
@@ -82,11 +87,12 @@ def step_mesh(state):
     return state.params["clip"]["logit_scale"].sharding.mesh
 
 
+@pytest.mark.slow  # another compile of the step
 def test_bfloat16_compute_keeps_fp32_params_and_loss(single_device_step):
     model, params = tiny_model()
     config = tiny_config(**{"model.dtype": "bfloat16"})
     model = model_from_config(config, model.clip)
-    mesh = sharding.make_mesh((("data", 1),), jax.devices()[:1])
+    mesh = make_mesh((("data", 1),), jax.devices()[:1])
     step, state, _, _ = build_state(model, params, config, mesh)
     batch = jax.device_put(random_batch(BATCH), sharding.batch_shardings(mesh, random_batch(BATCH)))
     state, metrics = step(state, batch)
@@ -96,9 +102,10 @@ def test_bfloat16_compute_keeps_fp32_params_and_loss(single_device_step):
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow  # another compile of the step
 def test_accumulation_averages_micro_batch_gradients():
     model, params = tiny_model("clip_finetune")
-    mesh = sharding.make_mesh((("data", -1),))
+    mesh = make_mesh((("data", -1),))
     batch = random_batch(BATCH)
     grads_of = jax.jit(lambda b, k: loss_and_grads(model, params, b, jax.random.key(0), k, mesh),
                        static_argnums=1)
@@ -162,9 +169,11 @@ def test_clipping_ignores_frozen_gradients():
 
 def test_bad_optimizer_settings_are_refused():
     with pytest.raises(EntityClipError, match="adamw"):
-        optimizer.make_optimizer(tiny_config(**{"optimizer.weight_decay": 0.1}).optimizer, 10, toy_params())
+        validate_config(tiny_config(**{"optimizer.weight_decay": 0.1}))
     with pytest.raises(EntityClipError, match="schedule"):
-        optimizer.learning_rate_schedule(tiny_config(**{"optimizer.schedule": "linear"}).optimizer, 10)
+        validate_config(tiny_config(**{"optimizer.schedule": "linear"}))
+    with pytest.raises(EntityClipError, match="warmup_steps"):  # known only with the run's length
+        optimizer.learning_rate_schedule(tiny_config(**{"optimizer.warmup_steps": 10}).optimizer, 10)
 
 
 def test_fsdp_rule_shards_the_largest_divisible_axis():
@@ -172,7 +181,7 @@ def test_fsdp_rule_shards_the_largest_divisible_axis():
     assert sharding.fsdp_spec((12, 8), 4, 0) == jax.sharding.PartitionSpec("fsdp", None)
     assert sharding.fsdp_spec((5, 7), 4, 0) == jax.sharding.PartitionSpec()
     assert sharding.fsdp_spec((64, 64), 4, 10 ** 6) == jax.sharding.PartitionSpec()  # small: replicated
-    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
+    mesh = make_mesh((("data", 2), ("fsdp", 4)))
     specs = sharding.param_specs(toy_params(), mesh, (("heads", "fsdp"), (".*", "replicate")))
     assert specs["heads"]["itm_head"]["kernel"] == jax.sharding.PartitionSpec()  # 3 x 2: nothing divisible
     assert specs["clip"]["vision_model"]["w"] == jax.sharding.PartitionSpec()
@@ -182,9 +191,8 @@ def test_fsdp_rule_shards_the_largest_divisible_axis():
 
 def test_bad_meshes_and_rules_are_refused():
     with pytest.raises(EntityClipError, match="devices"):
-        sharding.make_mesh((("data", 3), ("fsdp", -1)))
+        make_mesh((("data", 3), ("fsdp", -1)))
     with pytest.raises(EntityClipError, match="more than one"):
-        sharding.make_mesh((("data", -1), ("fsdp", -1)))
-    mesh = sharding.make_mesh((("data", -1),))
-    with pytest.raises(EntityClipError, match="strategy"):
-        sharding.param_specs(toy_params(), mesh, ((".*", "shard_everything"),))
+        make_mesh((("data", -1), ("fsdp", -1)))
+    with pytest.raises(EntityClipError, match="strategy"):  # one check of the rules, before any mesh is built
+        validate_config(tiny_config(**{"sharding.rules": ((".*", "shard_everything"),)}))

@@ -139,6 +139,7 @@ def _alive(pid):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.slow  # kill
 def test_kill_9_of_write_records_leaves_no_workers(tmp_path, tokenizer_dir):
     root = tmp_path / "raw"
     (root / "img").mkdir(parents=True)

@@ -22,6 +22,7 @@ import logging
 import math
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from entityclip_jax import storage
@@ -63,6 +64,22 @@ def _checked_shards(data_dir, split, split_meta, skip_corrupt_shards):
 
 def _rewrite_hint(data_dir, split):
     return f"`entityclip write-records --split {split} --out {data_dir} ...` (the command that wrote it)"
+
+
+def first_token_ids(data_dir, split, count):
+    """query_ids and explanation_ids of the split's first `count` records, [n, L] int64: the shards
+    checked as make_dataset checks them, a damaged one named in one line."""
+    import tensorflow as tf  # lazy: heavy; light code paths import this module
+    meta = records.read_meta(data_dir)
+    length = meta["context_length"]
+    if split not in meta["splits"]:
+        return np.zeros((0, length), np.int64)
+    shards = [file for file, _ in _checked_shards(data_dir, split, meta["splits"][split], False)]
+    spec = {name: tf.io.FixedLenFeature([length], tf.int64) for name in records.TOKEN_FIELDS}
+    parsed = tf.data.TFRecordDataset(shards).take(count).map(lambda s: tf.io.parse_single_example(s, spec))
+    rows = [batch[name] for batch in numpy_batches(parsed.batch(count), (data_dir, split))
+            for name in records.TOKEN_FIELDS]
+    return np.concatenate(rows) if rows else np.zeros((0, length), np.int64)
 
 
 def verify_shards(data_dir, split):
@@ -183,18 +200,7 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
         padding = tf.data.Dataset.from_tensors(_padding(ds.element_spec))
         ds = ds.concatenate(padding.repeat(num_batches * batch_size - num_examples))
         ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.prefetch(autotune)
-    ds._entityclip_source = (data_dir, split)  # numpy_batches names a corrupt shard with it
-    return ds
-
-
-def _source_of(ds):
-    """(data_dir, split) of a make_dataset result, also through later .skip()/.take()."""
-    for _ in range(64):
-        if ds is None or hasattr(ds, "_entityclip_source"):
-            return getattr(ds, "_entityclip_source", None)
-        ds = getattr(ds, "_input_dataset", None)
-    return None
+    return ds.prefetch(autotune)
 
 
 def _padding(element_spec):
@@ -205,8 +211,9 @@ def _padding(element_spec):
     return pad
 
 
-def numpy_batches(ds):
-    """Iterates a dataset as dicts of numpy arrays; a corrupt record becomes an EntityClipError."""
+def numpy_batches(ds, source=None):
+    """Iterates a dataset as dicts of numpy arrays; a corrupt record becomes an EntityClipError
+    that names the damaged shard of `source`, the (data_dir, split) the dataset reads."""
     import tensorflow as tf  # lazy: heavy; light code paths import this module
     iterator = ds.as_numpy_iterator()
     while True:
@@ -216,7 +223,6 @@ def numpy_batches(ds):
             return
         except tf.errors.DataLossError as err:
             reason = err.message.split("}}")[-1].split("[Op:")[0].strip()
-            source = _source_of(ds)
             if source is None:
                 raise EntityClipError(f"a shard of this dataset is corrupt ({reason}); copy it again or "
                                       "rewrite the split with `entityclip write-records`") from None

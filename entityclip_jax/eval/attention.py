@@ -11,7 +11,7 @@ import numpy as np
 
 from entityclip_jax import storage
 from entityclip_jax.models.clip import CLIPModel
-from entityclip_jax.models.entityclip import token_mask
+from entityclip_jax.objective.batch_loss import token_mask
 from entityclip_jax.models.mmae import dense, layer_norm
 
 

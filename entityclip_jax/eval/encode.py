@@ -12,7 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip import CLIPModel
-from entityclip_jax.train import sharding
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
 
 
 def encode_dataset(batches, encode_image_fn, encode_text_fn=None, *, image_key="pixel_values", text_key="query_ids"):
@@ -70,7 +71,7 @@ def clip_encoders(model, params, mesh=None):
     text attention mask: CLIP's text tower is causal, so the padding after EOT
     never reaches the EOT feature.
     """
-    mesh = mesh or sharding.make_mesh((("data", -1),), jax.local_devices())
+    mesh = mesh or make_mesh((("data", -1),), jax.local_devices())
     params = jax.device_put(params, sharding.replicated(mesh))
 
     def encode_image(p, pixel_values):

@@ -210,7 +210,7 @@ def records_attention(index, clip_config, tower_params, heads, tokenizer):
         dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=1,
                                image_size=clip_config.vision.image_size, train=False, process_index=0,
                                process_count=1, ids=[image_id])
-        batch = next(numpy_batches(dataset), None)
+        batch = next(numpy_batches(dataset, (index.source["directory"], index.source["split"])), None)
         if batch is None:
             raise PageError(f"image {image_id!r} is no longer in {index.source['directory']}", 404)
         query_ids, _ = tokenizer.encode([query], clip_config.text.max_position_embeddings)

@@ -31,7 +31,7 @@ def record_thumbnails(data_dir, split, image_size, ids=None, size=THUMBNAIL_SIZE
     dataset = make_dataset(data_dir, split, batch_size=batch_size, image_size=image_size, train=False,
                            process_index=0, process_count=1, normalize_on_host=False, ids=ids)
     found = {}
-    for batch in numpy_batches(dataset):
+    for batch in numpy_batches(dataset, (data_dir, split)):
         for example_id, pixels, real in zip(batch["id"], batch["pixel_values"], batch["mask"]):
             if real:
                 found[example_id.decode("utf-8")] = jpeg_thumbnail(pixels, size)

@@ -5,7 +5,7 @@
 Backends live in explain.backends (OpenAI-compatible HTTP, local transformers);
 their heavy imports happen only when one is built.
 """
-from entityclip_jax.explain.cache import read_explanations
+from entityclip_jax.data.explanation_cache import read_explanations
 from entityclip_jax.explain.runner import Summary, generate_explanations
 
 __all__ = ["Summary", "generate_explanations", "read_explanations"]

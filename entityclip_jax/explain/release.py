@@ -10,7 +10,7 @@ RELEASE_MODEL and prompt_version RELEASE_PROMPT; importing twice writes nothing 
 import collections
 
 from entityclip_jax.data.sources.explanations import path_tails, read_capdsc
-from entityclip_jax.explain import cache
+from entityclip_jax.data import explanation_cache
 
 RELEASE_MODEL = "entityclip-release-mistral"
 RELEASE_PROMPT = "release-capdsc"
@@ -42,14 +42,14 @@ def import_capdsc(capdsc_path, cache_path, examples=None):
         pairs = ((key, None, index[key]) for key in _full_keys(index))
     else:
         pairs = _pairs_from_source(index, examples, counts)
-    have = {(r["id"], r.get("query"), r.get("explanation")) for r in cache.iter_records(cache_path)
-            if r.get("status") == cache.OK and r.get("model") == RELEASE_MODEL}
-    with cache.CacheWriter(cache_path, sync_every=1024) as writer:
+    have = {(r["id"], r.get("query"), r.get("explanation")) for r in explanation_cache.iter_records(cache_path)
+            if r.get("status") == explanation_cache.OK and r.get("model") == RELEASE_MODEL}
+    with explanation_cache.CacheWriter(cache_path, sync_every=1024) as writer:
         for record_id, query, text in pairs:
             if (record_id, query, text) in have:
                 counts["already_cached"] += 1
                 continue
-            writer.write(cache.make_record(record_id, query, text, backend="release-import",
+            writer.write(explanation_cache.make_record(record_id, query, text, backend="release-import",
                                            model=RELEASE_MODEL, prompt_version=RELEASE_PROMPT))
             have.add((record_id, query, text))
             counts["imported"] += 1

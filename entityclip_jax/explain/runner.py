@@ -14,7 +14,8 @@ import time
 
 from tqdm import tqdm
 
-from entityclip_jax.explain import cache, quality
+from entityclip_jax.data import explanation_cache
+from entityclip_jax.explain import quality
 
 
 @dataclasses.dataclass
@@ -94,14 +95,14 @@ def _plan(queries, summary, report):
 
 def _cache_state(path, prompt_version, model):
     ok, have, failed_before = {}, set(), set()
-    for record in cache.iter_records(path):
+    for record in explanation_cache.iter_records(path):
         if record.get("prompt_version") != prompt_version or record.get("model") != model:
             continue
         query = record.get("query")
-        if record["status"] == cache.OK and record.get("explanation"):
+        if record["status"] == explanation_cache.OK and record.get("explanation"):
             ok[query] = record
             have.add((str(record["id"]), query))
-        elif record["status"] == cache.FAILED:
+        elif record["status"] == explanation_cache.FAILED:
             failed_before.add(query)
     return ok, have, failed_before
 
@@ -147,11 +148,11 @@ def generate_explanations(queries, cache_path, backend, prompt, *, concurrency=1
     def record(record_id, query, outcome):
         meta = dict(backend=backend.name, model=backend.model, prompt_version=prompt.version, tokens=outcome.tokens)
         if outcome.reason:
-            return cache.make_record(record_id, query, None, status=cache.FAILED, reason=outcome.reason, **meta)
-        return cache.make_record(record_id, query, outcome.explanation, **meta)
+            return explanation_cache.make_record(record_id, query, None, status=explanation_cache.FAILED, reason=outcome.reason, **meta)
+        return explanation_cache.make_record(record_id, query, outcome.explanation, **meta)
 
     todo = []
-    with cache.CacheWriter(cache_path, sync_every=sync_every) as writer:
+    with explanation_cache.CacheWriter(cache_path, sync_every=sync_every) as writer:
         summary.torn_bytes = writer.torn_bytes
         for query, ids in ids_by_query.items():
             if query in ok:

@@ -2,7 +2,7 @@
 
 Module and parameter names mirror Hugging Face (text_model.encoder.layers.0.
 self_attn.q_proj, vision_model.pre_layrnorm, visual_projection, logit_scale ...)
-so conversion is a rename plus a transpose (see entityclip_jax/convert/hf.py).
+so conversion is a rename plus a transpose (see entityclip_jax/weights/hf.py).
 
 Beyond Hugging Face's pooled outputs, the towers return the token-level
 projected features EntityCLIP's experts need (METHOD.md): post_layernorm +
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from entityclip_jax.models.clip_config import CLIPConfig
+from entityclip_jax.models.clip_config import CLIPConfig, pools_at_argmax
 
 
 @struct.dataclass
@@ -65,7 +65,7 @@ def eot_positions(input_ids, eos_token_id):
     EOT 49407 is the largest id); others take the first eos_token_id position.
     """
     input_ids = input_ids.astype(jnp.int32)
-    if eos_token_id == 2:
+    if pools_at_argmax(eos_token_id):
         return jnp.argmax(input_ids, axis=-1).astype(jnp.int32)
     return jnp.argmax(input_ids == eos_token_id, axis=-1).astype(jnp.int32)
 

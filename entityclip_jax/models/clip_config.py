@@ -10,6 +10,14 @@ import dataclasses
 from entityclip_jax.errors import EntityClipError
 
 
+LEGACY_EOS_TOKEN_ID = 2  # Hugging Face CLIP configs before transformers 4.31 pool at the argmax of the ids
+
+
+def pools_at_argmax(eos_token_id):
+    """True for a legacy config whose text features are read at the largest id (OpenAI's EOT)."""
+    return eos_token_id == LEGACY_EOS_TOKEN_ID
+
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 49408
@@ -23,6 +31,11 @@ class TextConfig:
     eos_token_id: int = 49407
     bos_token_id: int = 49406
     pad_token_id: int = 1
+
+    @property
+    def end_of_text_id(self):
+        """The id the text features are read at: eos_token_id, or in a legacy config the largest id."""
+        return self.vocab_size - 1 if pools_at_argmax(self.eos_token_id) else self.eos_token_id
 
 
 @dataclasses.dataclass(frozen=True)

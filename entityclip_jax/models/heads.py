@@ -1,7 +1,7 @@
 """EntityCLIP's training-only heads: the expert stacks, the gates and the ITM head.
 
 The linen module only creates parameters; the math lives in mmae.py, gi_itm.py
-and losses.py (entityclip_loss applies it to this tree). Parameter tree (n_v, n_s, n_t expert counts, D width):
+and objective/losses.py (entityclip_loss applies it to this tree). Parameter tree (n_v, n_s, n_t expert counts, D width):
     image_experts, explanation_experts, text_experts: stacked expert blocks
         {layer_norm1: {scale, bias}, self_attn: {q_proj, k_proj, v_proj, out_proj},
          layer_norm2: {scale, bias}, mlp: {fc1 [D, 4D], fc2 [4D, D]}}, each leaf [n, ...]
@@ -33,7 +33,6 @@ class HeadsConfig:
     itm_weight: float = 0.1             # eta
     expert_vtc_weight: float = 0.1      # lambda
     faithful_release: bool = False      # reproduce the release's quirks (METHOD.md)
-    dtype: str = "float32"              # compute dtype of the heads' matmuls
 
 
 class Uniform(NamedTuple):

@@ -1,1 +1,1 @@
-
+"""The training loop: step, state, optimizer, input stream, validation, several processes."""

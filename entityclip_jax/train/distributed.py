@@ -34,7 +34,6 @@ from jax.experimental import multihost_utils
 from entityclip_jax.errors import EntityClipError
 
 log = logging.getLogger(__name__)
-MODES = ("auto", "always", "never")
 EXPLICIT = ("coordinator_address", "num_processes", "process_id")
 
 
@@ -55,8 +54,6 @@ def _cluster_environment(environ):
 
 def initialize_args(cfg, environ, tpu_host):
     """The keyword arguments for jax.distributed.initialize, or None to stay a single process."""
-    if cfg.initialize not in MODES:
-        raise EntityClipError(f"distributed.initialize must be one of {MODES}, got {cfg.initialize!r}")
     if cfg.initialize == "never":
         return None
     explicit = {name: cfg[name] for name in EXPLICIT if cfg.get(name) is not None}

@@ -24,12 +24,15 @@ import jax
 import numpy as np
 
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import describe_init, init_entityclip
-from entityclip_jax.config import model_from_config
+from entityclip_jax.checkpoints import run as run_format
+from entityclip_jax.checkpoints import run_config, run_tokenizer
+from entityclip_jax.checkpoints.model_init import describe_init, init_entityclip, tower_architecture
+from entityclip_jax.config import check_devices, model_from_config, validate_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
-from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import data, distributed, optimizer, run_config, sharding, tokenizer_match
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
+from entityclip_jax.train import distributed, input_stream, optimizer
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
 from entityclip_jax.train.step import make_train_step
 from entityclip_jax.train.validation import Validator
@@ -94,19 +97,33 @@ class _MetricsLog:
             self.lines.close()
 
 
-def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, allow_config_change=False):
+def _check_data_fits(config, workdir):
+    """True once the records are known to fit the towers (and, on resume, to be the run's), before
+    anything is written: the architecture comes from the workdir, else from model.init's config
+    files; False for a .pt file, checked once its weights are read."""
+    architecture = (run_format.read_towers_config(workdir) if run_format.towers_config_path(workdir)
+                    else tower_architecture(config))
+    if architecture is not None:
+        run_tokenizer.check_training_data(workdir, config, architecture.text)
+    return architecture is not None
+
+
+def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, data_checked,
+           allow_config_change=False):
     """(model, tx, schedule, state shardings, state, step): fresh from the config, or the latest checkpoint."""
     resume_step = checkpointer.latest_step()
     if resume_step is None:
-        if jax.process_index() == 0:
-            print(describe_init(config.model.init), flush=True)  # first line: random or pretrained towers
         model, params = init_entityclip(jax.random.key(config.seed), config)
-        ckpt.write_run_files(workdir, model.clip, config)
+        if jax.process_index() == 0:
+            print(describe_init(config.model.init), flush=True)  # random or pretrained towers, once they are read
+        if not data_checked:  # a .pt file: its architecture is known now that its weights are read
+            run_tokenizer.check_training_data(workdir, config, model.clip.text)
+        run_format.write_run_files(workdir, model.clip, config)
         shapes = jax.eval_shape(lambda p: p, params)
     else:  # the architecture comes from the workdir; parameters from the checkpoint
-        model, params = model_from_config(config, ckpt.read_clip_config(workdir)), None
+        model, params = model_from_config(config, run_format.read_towers_config(workdir)), None
         shapes = abstract_params(model)
-    tokenizer_match.check_training_data(workdir, config, model.clip)
+    run_tokenizer.record_run_tokenizer(workdir, config, model.clip.text)
     tx = optimizer.make_optimizer(config.optimizer, total_steps, shapes)
     schedule = optimizer.learning_rate_schedule(config.optimizer, total_steps)
     abstract = abstract_state(shapes, tx)
@@ -116,7 +133,7 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, all
         return model, tx, schedule, shardings, create_train_state(params, tx, shardings), 0
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     state, saved_position, resume_step = checkpointer.restore_latest_intact(target)
-    data.check_position(saved_position, steps_in_epoch, config)
+    input_stream.check_position(saved_position, steps_in_epoch, config)
     run_config.accept_resume_config(workdir, config, resume_step, allow_config_change)
     log.info("resumed from %s at step %d", checkpointer.directory, resume_step)
     return model, tx, schedule, shardings, state, resume_step
@@ -124,15 +141,19 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, all
 
 def train(config, workdir, allow_config_change=False):
     """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics.
-    Resuming with a config that changes the run's meaning needs allow_config_change."""
-    distributed.initialize(config.distributed, os.environ)
+    Resuming with a config that changes the run's meaning needs allow_config_change.
+    Every check that can fail runs before anything is written."""
+    validate_config(config)
+    distributed.initialize(config.distributed, os.environ)  # before JAX's backend starts (device count)
+    check_devices(config, jax.device_count())
     workdir = storage.absolute(workdir)
-    mesh = sharding.make_mesh(config.mesh)
-    steps_in_epoch = data.steps_per_epoch(config, jax.process_count())  # checks the data before anything is written
+    mesh = make_mesh(config.mesh)
+    steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
-    checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
+    data_checked = _check_data_fits(config, workdir)
+    checkpointer = run_format.Checkpointer(workdir, config.checkpoint)
     model, tx, schedule, shardings, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch,
-                                                         total_steps, allow_config_change)
+                                                         total_steps, data_checked, allow_config_change)
 
     validate = Validator(model, config, mesh)
     eval_every = steps_in_epoch if config.eval.every_steps < 0 else config.eval.every_steps
@@ -143,8 +164,8 @@ def train(config, workdir, allow_config_change=False):
         metrics_log.write(0, val_metrics)
         metrics_log.record([(0, val_metrics)])
 
-    batches = data.device_batches(
-        data.host_batches(config, model.clip.vision.image_size, step, steps_in_epoch,
+    batches = input_stream.device_batches(
+        input_stream.host_batches(config, model.clip.vision.image_size, step, steps_in_epoch,
                           jax.process_index(), jax.process_count()),
         mesh, config.data.prefetch_to_device)
     train_step = None
@@ -191,7 +212,7 @@ def train(config, workdir, allow_config_change=False):
                           flush=True)
             if save_now:
                 metrics_log.lines.flush()  # on gs:// the lines up to a checkpoint are stored with it
-                checkpointer.save(step, state, data.position(step, steps_in_epoch, config), val_metrics)
+                checkpointer.save(step, state, input_stream.position(step, steps_in_epoch, config), val_metrics)
             if preempted:
                 checkpointer.wait()
                 print(f"process {jax.process_index()}: SIGTERM (preemption): stopped at step {step} and saved it "

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from entityclip_jax.train import sharding
+from entityclip_jax.parallel import sharding
 
 
 @struct.dataclass

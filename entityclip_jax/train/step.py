@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.models.entityclip import compute_loss
-from entityclip_jax.train import sharding
+from entityclip_jax.objective.batch_loss import compute_loss
+from entityclip_jax.parallel import sharding
 from entityclip_jax.train.state import TrainState
 
 

@@ -17,10 +17,10 @@ from entityclip_jax.data import pipeline
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.encode import check_finite
 from entityclip_jax.eval.retrieval import recall_metrics, retrieval_ranks
-from entityclip_jax.losses import clip_contrastive_loss
+from entityclip_jax.objective.losses import clip_contrastive_loss
 from entityclip_jax.models.clip import CLIPModel
-from entityclip_jax.models.entityclip import pixels
-from entityclip_jax.train import sharding
+from entityclip_jax.objective.batch_loss import pixels
+from entityclip_jax.parallel import sharding
 
 KS = (1, 5, 10)
 
@@ -74,7 +74,7 @@ class Validator:
             self.config.data.dir, self.config.data.val_split, batch_size=self.batch_size // jax.process_count(),
             image_size=self.image_size, train=False, normalize_on_host=self.config.data.normalize_on_host,
             dct_scaling=self.config.data.dct_scaling)
-        for batch in pipeline.numpy_batches(ds):
+        for batch in pipeline.numpy_batches(ds, (self.config.data.dir, self.config.data.val_split)):
             yield pipeline.to_global_arrays(batch, self.mesh, self.mesh.axis_names)
 
     def __call__(self, params):

@@ -2,7 +2,7 @@
 
 Two sources exist:
 - the project's explanation cache (JSONL written by `entityclip explain`), read by
-  entityclip_jax.explain.cache.read_explanations -> (by_id, by_query);
+  entityclip_jax.data.explanation_cache.read_explanations -> (by_id, by_query);
 - the EntityCLIP release's CapDsc files: one JSON object {key: explanation} per
   split, keyed by image file name (N24News "<image_id>.jpg", GoodNews
   "<article>_<index>.jpg") or by the image path on the authors' machine
@@ -18,7 +18,7 @@ import os
 from entityclip_jax import storage
 from entityclip_jax.data.sources import checks
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.explain.cache import read_explanations
+from entityclip_jax.data.explanation_cache import read_explanations
 
 POLICIES = ("empty", "skip", "error")
 TAIL_DEPTH = 4  # "bbc/images/0013/123.jpg": VisualNews file names repeat across outlets

@@ -3,7 +3,7 @@
 The authors' checkpoint (wangyxxjtu/ETE, main.py: torch.save(model.state_dict()))
 holds the OpenAI-layout towers (visual.*, transformer.*, token_embedding.weight,
 positional_embedding, ln_final.*, text_projection, logit_scale; converted by
-convert/openai.py) and, from clip/model.py's CLIP class:
+weights/openai.py) and, from clip/model.py's CLIP class:
     vision_expert_{i}, share_expert_{i}, text_expert_{i}   ExpertBlock:
         attn.in_proj_weight [3D, D] (q; k; v rows), attn.in_proj_bias [3D],
         attn.out_proj.{weight [D, D], bias}, ln_1.{weight, bias},
@@ -76,7 +76,7 @@ def release_heads_to_flax(state_dict, cfg, dim=None):
     if tower_keys:
         raise EntityClipError(
             f"release_heads_to_flax got CLIP tower keys ({_listing(tower_keys)}); pass only the head keys "
-            "(split_release_state_dict) and convert the towers with convert/openai.py")
+            "(split_release_state_dict) and convert the towers with weights/openai.py")
     if dim is None:
         if "itm_head.weight" not in state_dict:
             raise EntityClipError("the checkpoint has no itm_head.weight [2, D]: not an EntityCLIP release "

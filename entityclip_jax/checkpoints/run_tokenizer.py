@@ -14,32 +14,12 @@ import jax
 import numpy as np
 
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import run_directory
-from entityclip_jax.data import records
+from entityclip_jax.checkpoints.towers import run_directory
+from entityclip_jax.data import pipeline, records
 from entityclip_jax.errors import EntityClipError
 
 RUN_TOKENIZER = "run_tokenizer.json"
 PROBE_EXAMPLES = 256
-
-
-def _model_eot(text_config):
-    # Legacy configs with eos_token_id 2 pool at the argmax of the ids: OpenAI's EOT, the last id.
-    return text_config.vocab_size - 1 if text_config.eos_token_id == 2 else text_config.eos_token_id
-
-
-def _first_token_ids(data_dir, split, context_length):
-    """query_ids and explanation_ids of the split's first PROBE_EXAMPLES records, [n, L] int64."""
-    import tensorflow as tf  # lazy: heavy (~6 s); the records are TFRecords
-    shards = [storage.join(data_dir, shard["file"]) for shard in records.read_meta(data_dir)["splits"]
-              .get(split, {}).get("shards", [])]
-    if not shards:
-        return np.zeros((0, context_length), np.int64)
-    spec = {name: tf.io.FixedLenFeature([context_length], tf.int64) for name in records.TOKEN_FIELDS}
-    rows = []
-    for serialized in tf.data.TFRecordDataset(shards).take(PROBE_EXAMPLES):
-        example = tf.io.parse_single_example(serialized, spec)
-        rows.extend(example[name].numpy() for name in records.TOKEN_FIELDS)
-    return np.stack(rows) if rows else np.zeros((0, context_length), np.int64)
 
 
 def check_records_fit_model(data_dir, splits, text_config):
@@ -50,9 +30,9 @@ def check_records_fit_model(data_dir, splits, text_config):
             f"{data_dir} holds texts of {meta['context_length']} tokens, the model has "
             f"{text_config.max_position_embeddings} positions; rewrite the records with "
             f"--context-length {text_config.max_position_embeddings} or use a model with more positions")
-    eot = _model_eot(text_config)
+    eot = text_config.end_of_text_id
     for split in splits:
-        ids = _first_token_ids(data_dir, split, meta["context_length"])
+        ids = pipeline.first_token_ids(data_dir, split, PROBE_EXAMPLES)
         if not ids.size:
             continue
         if ids.max() >= text_config.vocab_size:
@@ -91,16 +71,19 @@ def check_same_tokenizer(recorded, data_dir, where):
                 "(write-records --tokenizer)")
 
 
-def check_training_data(workdir, config, clip_config):
-    """Before the first step: the records fit the model and, on resume, are those the run trained on.
-    A run without a record (new, or from before this check) gets one."""
+def check_training_data(workdir, config, text_config):
+    """Before anything is written: the records fit the model and, on resume, are those the run trained on."""
     splits = [config.data.train_split] + ([config.data.val_split] if config.eval.every_steps != 0 else [])
-    check_records_fit_model(config.data.dir, splits, clip_config.text)
+    check_records_fit_model(config.data.dir, splits, text_config)
     recorded = _recorded(workdir)
     if recorded is not None:
         check_same_tokenizer(recorded, config.data.dir, workdir)
-    elif jax.process_index() == 0:
-        storage.write_json_atomic(storage.join(workdir, RUN_TOKENIZER), run_tokenizer(config.data.dir, clip_config.text))
+
+
+def record_run_tokenizer(workdir, config, text_config):
+    """WORKDIR/run_tokenizer.json for a run without one (new, or from before this record), by process 0."""
+    if jax.process_index() == 0 and _recorded(workdir) is None:
+        storage.write_json_atomic(storage.join(workdir, RUN_TOKENIZER), run_tokenizer(config.data.dir, text_config))
 
 
 def check_eval_data(checkpoint, data_dir, split, clip_config):

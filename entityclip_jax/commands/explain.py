@@ -6,7 +6,7 @@ import sys
 
 from entityclip_jax import storage
 from entityclip_jax.data.example import SkipReport
-from entityclip_jax.data.sources import read_source
+from entityclip_jax.data.sources import SOURCES, read_source
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend
 from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
@@ -14,14 +14,12 @@ from entityclip_jax.explain.prompts import load_prompt
 from entityclip_jax.explain.release import import_capdsc
 from entityclip_jax.explain.runner import generate_explanations
 
-SOURCE_KINDS = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
-
 
 def _add_input(parser, required):
     group = parser.add_argument_group("input (a plain JSONL of {id, query}, or a dataset source)")
     if required:
         group.add_argument("--queries", metavar="FILE.jsonl", help="one JSON object {\"id\", \"query\"} per line")
-    group.add_argument("--source", choices=SOURCE_KINDS, help="dataset source adapter")
+    group.add_argument("--source", choices=list(SOURCES), help="dataset source adapter")
     group.add_argument("--root", help="dataset root directory (with --source)")
     group.add_argument("--split", default="train", help="split to read (with --source; default train)")
 

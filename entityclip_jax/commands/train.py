@@ -1,10 +1,8 @@
 """`entityclip train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]`"""
 import json
 import logging
-import os
 
-from entityclip_jax.config import load_config, validate_config
-from entityclip_jax.train import distributed
+from entityclip_jax.config import load_config
 from entityclip_jax.train.loop import train
 
 ACCEPTS_OVERRIDES = True  # --config.a.b=value pass through as args.overrides
@@ -23,8 +21,6 @@ def configure(parser):
 def run(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_config(args.config, args.overrides)
-    # Before validate_config counts the devices: JAX's backend must start after jax.distributed does.
-    distributed.initialize(config.distributed, os.environ)
-    summary = train(validate_config(config), args.workdir, allow_config_change=args.allow_config_change)
+    summary = train(config, args.workdir, allow_config_change=args.allow_config_change)
     print(json.dumps({"done": summary}, default=float))
     return 0

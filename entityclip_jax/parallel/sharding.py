@@ -1,8 +1,6 @@
-"""Device mesh and sharding rules, as config data (big_vision style).
+"""Sharding rules, as config data (big_vision style): where each array lives on the mesh (mesh.py).
 
-The mesh comes from config.mesh, e.g. (("data", -1), ("fsdp", 1)): axis names
-and sizes, one size -1 meaning "all remaining devices". The batch is split over
-every mesh axis. A parameter is replicated or, with the "fsdp" strategy, split
+The batch is split over every mesh axis. A parameter is replicated or, with the "fsdp" strategy, split
 along its largest axis that the 'fsdp' axis size divides; the first rule whose
 regex matches the parameter's "/"-joined path (re.search) decides. Optimizer
 state follows the parameter it belongs to.
@@ -12,31 +10,11 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from entityclip_jax.errors import EntityClipError
 
-STRATEGIES = ("replicate", "fsdp")
+STRATEGIES = ("replicate", "fsdp")  # config.validate_config refuses any other
 FSDP_AXIS = "fsdp"
-
-
-def make_mesh(axes, devices=None):
-    """Mesh over `devices` (default: all) from ((name, size), ...) with at most one size -1."""
-    devices = list(jax.devices() if devices is None else devices)
-    names = tuple(name for name, _ in axes)
-    sizes = [int(size) for _, size in axes]
-    if sizes.count(-1) > 1:
-        raise EntityClipError(f"mesh {tuple(axes)} has more than one axis of size -1; give all but one a size")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if known <= 0 or len(devices) % known:
-            raise EntityClipError(f"mesh {tuple(axes)}: {len(devices)} devices do not split into axes of "
-                                  f"sizes {sizes}; choose sizes whose product divides {len(devices)}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise EntityClipError(f"mesh {tuple(axes)} needs {math.prod(sizes)} devices, there are {len(devices)}; "
-                              "set one axis size to -1 to use all of them")
-    return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
 def batch_spec(mesh, ndim=1):
@@ -63,12 +41,8 @@ def path_name(path):
 
 
 def _strategy(name, rules):
-    for pattern, strategy in rules:
-        if strategy not in STRATEGIES:
-            raise EntityClipError(f"sharding rule ({pattern!r}, {strategy!r}): strategy must be one of {STRATEGIES}")
-        if re.search(pattern, name):
-            return strategy
-    return "replicate"
+    """The first matching rule's strategy (the rules were checked by config.validate_config)."""
+    return next((strategy for pattern, strategy in rules if re.search(pattern, name)), "replicate")
 
 
 def fsdp_spec(shape, fsdp_size, min_size):

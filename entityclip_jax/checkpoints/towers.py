@@ -5,9 +5,10 @@ see hub.py), and checkpoint_kind tells them apart:
 
   TRAINING_RUN     an `entityclip train` workdir (checkpoints/ + run files): its best
                    step by its metric, else the latest; a damaged step falls back to
-                   the next one (train/checkpoint.py owns that Orbax format)
+                   the next one (run.py owns that Orbax format)
   CHECKPOINT_STEP  one step of a run, WORKDIR/checkpoints/<step> (state/): only it
-  TOWERS           a towers directory written by save_towers (clip_config.json + Orbax params)
+  TOWERS           a towers directory written by save_towers (towers_config.json, or
+                   clip_config.json before 0.2, + Orbax params)
   HF               a Hugging Face CLIPModel directory (config.json + weights)
   HF_EXPORT        an `entityclip export-hf` directory: HF plus the experts, gates and
                    ITM head (entityclip_heads.safetensors) to resume training from
@@ -15,11 +16,10 @@ see hub.py), and checkpoint_kind tells them apart:
                    the EntityCLIP release, which also holds the heads)
 
 load_towers is what eval, search and classify read (the plain CLIP towers);
-load_towers_and_heads is what export and training's model.init read; init_entityclip
-turns config.model.init ("random:PRESET" or any of the above) into a model and its
-parameters. Everything comes back as host arrays, whatever mesh wrote it.
+load_towers_and_heads is what export and training's model.init (model_init.py) read;
+read_architecture gives a path's CLIPConfig without reading its weights where the
+files allow. Everything comes back as host arrays, whatever mesh wrote it.
 """
-import dataclasses
 import json
 import logging
 
@@ -27,17 +27,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from entityclip_jax import storage
-from entityclip_jax.config import PRETRAINED_BY_PRESET, heads_config, model_from_config, random_preset
-from entityclip_jax.convert.heads_file import HEADS_FILE, load_heads
-from entityclip_jax.convert.hf import load_hf_checkpoint
-from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
-from entityclip_jax.convert.release import release_heads_to_flax, split_release_state_dict
+from entityclip_jax.checkpoints import run as run_format
+from entityclip_jax.checkpoints.integrity import DamagedCheckpoint, describe_failure
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
-from entityclip_jax.models.clip import init_params
-from entityclip_jax.models.clip_config import PRESETS, CLIPConfig
+from entityclip_jax.models.clip_config import CLIPConfig
 from entityclip_jax.models.heads import init_heads
-from entityclip_jax.train import checkpoint as run_format
+from entityclip_jax.weights.heads_file import HEADS_FILE, load_heads
+from entityclip_jax.weights.hf import load_hf_checkpoint
+from entityclip_jax.weights.openai import openai_to_flax, read_openai_checkpoint
+from entityclip_jax.weights.release import release_heads_to_flax, split_release_state_dict
 
 TRAINING_RUN = "training run"
 CHECKPOINT_STEP = "checkpoint step"
@@ -46,7 +45,6 @@ HF = "Hugging Face CLIPModel directory"
 HF_EXPORT = "export-hf directory"
 STATE_DICT_FILE = "OpenAI-layout file"
 
-TOWERS_CONFIG = "clip_config.json"  # a towers directory's architecture (a run keeps its own: towers_config.json)
 HF_CONFIG = "config.json"
 log = logging.getLogger(__name__)
 
@@ -56,18 +54,35 @@ def checkpoint_kind(path):
     where = storage.path(path)
     if where.is_file():
         return STATE_DICT_FILE
-    if (where / TOWERS_CONFIG).is_file():
-        return TOWERS
-    if (where / HF_CONFIG).is_file():
-        return HF_EXPORT if (where / HEADS_FILE).is_file() else HF
     if (where / "state").is_dir():
         return CHECKPOINT_STEP
     if (where / run_format.CHECKPOINTS).is_dir():
         return TRAINING_RUN
+    if run_format.towers_config_path(path) is not None:
+        return TOWERS
+    if (where / HF_CONFIG).is_file():
+        return HF_EXPORT if (where / HEADS_FILE).is_file() else HF
     what = "holds none of their files" if where.is_dir() else "does not exist"
     raise EntityClipError(f"{path} {what}; pass a training workdir or one of its checkpoints/<step>, a towers "
                           "directory, a Hugging Face CLIPModel directory or hub id (org/name[@revision]), "
                           "or an OpenAI-layout .pt/.safetensors file")
+
+
+def read_architecture(spec):
+    """The CLIPConfig of `spec` from its config files alone, no weights read; None for an
+    OpenAI-layout file, whose architecture only its weights tell."""
+    path = resolve_checkpoint(spec)
+    kind = checkpoint_kind(path)
+    if kind == STATE_DICT_FILE:
+        return None
+    if kind == CHECKPOINT_STEP:
+        return run_format.read_towers_config(str(storage.path(path).parent.parent))
+    if kind in (TRAINING_RUN, TOWERS):
+        return run_format.read_towers_config(path)
+    try:
+        return CLIPConfig.from_hf(json.loads(storage.path(path).joinpath(HF_CONFIG).read_text()))
+    except ValueError as err:
+        raise EntityClipError(f"{path}/{HF_CONFIG} is not valid JSON ({err}); download the checkpoint again") from None
 
 
 def run_directory(spec):
@@ -101,8 +116,12 @@ def _open(spec, with_heads, heads=None):
     if kind in (TRAINING_RUN, CHECKPOINT_STEP):
         return _read_run(storage.absolute(path), kind, with_heads, heads)
     if kind == TOWERS:
-        config = CLIPConfig.from_dict(json.loads(storage.path(path).joinpath(TOWERS_CONFIG).read_text()))
-        towers = ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
+        config = run_format.read_towers_config(path)
+        try:
+            towers = ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
+        except Exception as err:  # noqa: BLE001 -- whatever fails, the parameters cannot be read
+            raise EntityClipError(f"the parameters in {path} cannot be read ({describe_failure(err)}); "
+                                  "write the towers directory again (import-hf / import-openai)") from None
         return config, towers, None
     with storage.local_copy(path) as local:  # safetensors and torch read local files only
         if kind == STATE_DICT_FILE:
@@ -130,13 +149,13 @@ def _read_run(path, kind, with_heads, heads):
         workdir, step_dirs = str(storage.path(path).parent.parent), [path]
     else:
         workdir, step_dirs = path, run_format.run_step_dirs(path)
-    config = run_format.read_clip_config(workdir)
+    config = run_format.read_towers_config(workdir)
     subtree = ("params",) if with_heads else ("params", "clip")
     problems = []
     for step_dir in step_dirs:
         try:
             restored = run_format.restore_subtree(step_dir, subtree)
-        except run_format.DamagedCheckpoint as err:
+        except DamagedCheckpoint as err:
             problems.append(str(err))
             if step_dir != step_dirs[-1]:
                 log.warning("damaged checkpoint %s; trying %s", err, step_dirs[len(problems)])
@@ -163,51 +182,5 @@ def save_towers(params, config, out_dir):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(storage.join(out_dir, "params"), params)
     checkpointer.wait_until_finished()
-    storage.write_json_atomic(storage.join(out_dir, TOWERS_CONFIG), config.to_dict())
+    storage.write_json_atomic(storage.join(out_dir, run_format.TOWERS_CONFIG), config.to_dict())
     return out_dir
-
-
-def describe_init(init):
-    """One line saying where the towers start from (a training run's first log line)."""
-    name = random_preset(init)
-    if name is not None:
-        return (f"towers: RANDOM weights ({init}), not pretrained: every weight is learned from this data; "
-                f"set model.init to a checkpoint or hub id (e.g. {PRETRAINED_BY_PRESET.get(name, 'org/name')}) "
-                "to fine-tune pretrained towers")
-    return f"towers: pretrained, from {init}"
-
-
-def tower_source(config):
-    """What config.model.init brings: (CLIPConfig, tower params or None, head params or None).
-
-    "random:PRESET" gives only an architecture, to initialise randomly; anything else is
-    read once (load_towers_and_heads), its heads too in EntityCLIP mode: a training run's,
-    an export-hf directory's or an EntityCLIP release checkpoint's (the authors' code), so
-    a trained model continues here."""
-    overrides = {k: config.model[k] for k in ("vocab_size", "eos_token_id") if config.model.get(k) is not None}
-    name = random_preset(config.model.init)
-    if name is not None:
-        clip = PRESETS[name]
-        return dataclasses.replace(clip, text=dataclasses.replace(clip.text, **overrides)), None, None
-    if overrides:
-        raise EntityClipError(f"model.vocab_size / model.eos_token_id apply to random towers only; "
-                              f"{config.model.init!r} brings its own text config: drop those overrides")
-    if config.model.mode != "entityclip":
-        return (*load_towers(config.model.init), None)
-    return load_towers_and_heads(config.model.init, heads_config(config))
-
-
-def init_entityclip(rng, config):
-    """(EntityCLIP, params) for a training config: towers from config.model.init, heads from it
-    too when it brings them (tower_source), else freshly initialised as the release does."""
-    clip_config, tower_params, head_params = tower_source(config)
-    model = model_from_config(config, clip_config)
-    tower_rng, heads_rng = jax.random.split(rng)
-    if tower_params is None:
-        tower_params = init_params(clip_config, tower_rng)
-    params = {"clip": tower_params}
-    if model.mode == "entityclip":
-        params["heads"] = head_params
-        if head_params is None:
-            params["heads"] = init_heads(heads_rng, model.heads, clip_config.projection_dim)
-    return model, params

@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from entityclip_jax.hard_negatives import sample_hard_negatives
 from entityclip_jax.models.gi_itm import expert_features, image_star, itm_logits, text_star
 from entityclip_jax.models.mmae import explanation_experts, read_tokens, text_experts
+from entityclip_jax.objective.hard_negatives import sample_hard_negatives
 
 LOGIT_SCALE_MAX = math.log(100.0)  # OpenAI CLIP's clamp of the log scale
 RELEASE_ITM_EPS = 1e-8  # the release's ITM loss: -log(p + 1e-8)
@@ -75,22 +75,35 @@ def _take(x, index):
     return None if x is None else x[index]
 
 
-def entityclip_loss(heads, features, logit_scale, negatives, cfg):
-    """Total EntityCLIP loss and its metrics.
+def entityclip_loss(heads, features, logit_scale, rng, cfg, *, dtype=jnp.float32):
+    """Total EntityCLIP loss and its metrics, the hard negatives drawn with `rng` from the
+    batch's own similarity logits (hard_negatives.py); see entityclip_loss_given_negatives."""
+    def draw(main_logits):
+        return sample_hard_negatives(rng, main_logits, faithful=bool(cfg.faithful_release))
+    return _entityclip_loss(heads, features, logit_scale, draw, cfg, dtype)
+
+
+def entityclip_loss_given_negatives(heads, features, logit_scale, negatives, cfg, *, dtype=jnp.float32):
+    """Total EntityCLIP loss and its metrics for given hard negatives.
 
     heads: the EntityHeads parameter tree (entityclip_jax/models/heads.py).
     features: dict of the towers' outputs
         V [B, 1+P, D], T [B, L, D], t_mask [B, L], t_eot_index [B],
         E [B, L, D], e_mask [B, L], e_eot_index [B] (not needed: E only serves as keys).
     logit_scale: CLIP's log scale (scalar parameter).
-    negatives: a PRNG key, to sample the hard negatives, or a tuple
-        (neg_text_for_image [B], neg_image_for_text [B]) of explicit indices.
-    cfg: attributes itm_weight (eta), expert_vtc_weight (lambda),
-        faithful_release, dtype (see HeadsConfig).
+    negatives: (neg_text_for_image [B], neg_image_for_text [B]) indices into the batch.
+    cfg: a HeadsConfig (itm_weight = eta, expert_vtc_weight = lambda, faithful_release).
+    dtype: the compute dtype of the experts' matmuls.
     Returns (loss, metrics) with metrics: loss, vtc, itm, vtc_experts,
     itm_accuracy, logit_scale (the scale actually used).
     """
-    dtype = jnp.dtype(cfg.dtype)
+    fixed = tuple(jnp.asarray(n, jnp.int32) for n in negatives)
+    return _entityclip_loss(heads, features, logit_scale, lambda _: fixed, cfg, dtype)
+
+
+def _entityclip_loss(heads, features, logit_scale, choose_negatives, cfg, dtype):
+    """The objective; choose_negatives(main_logits) -> (neg_text [B], neg_image [B])."""
+    dtype = jnp.dtype(dtype)
     faithful = bool(cfg.faithful_release)
     clamp = not faithful  # release quirk: logit_scale never clamped
     V, T, E, t_eot_index = features["V"], features["T"], features["E"], features["t_eot_index"]
@@ -107,10 +120,7 @@ def entityclip_loss(heads, features, logit_scale, negatives, cfg):
     t_star = text_star(heads, t_eot, positive["e_t"], positive["s_t"], dtype=dtype)
     vtc_experts = clip_contrastive_loss(v_star, t_star, logit_scale, clamp=clamp)
 
-    if isinstance(negatives, (tuple, list)):
-        neg_text, neg_image = (jnp.asarray(n, jnp.int32) for n in negatives)
-    else:
-        neg_text, neg_image = sample_hard_negatives(negatives, main_logits, faithful=faithful)
+    neg_text, neg_image = choose_negatives(main_logits)
 
     # Most expert outputs of a negative triple are rows of the positive ones
     # (e_v depends on the image only; e_t, s_t on the query and its explanation,

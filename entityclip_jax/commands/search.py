@@ -8,7 +8,7 @@
 import numpy as np
 
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import load_towers, load_towers_and_heads
+from entityclip_jax.checkpoints.towers import load_towers, load_towers_and_heads
 from entityclip_jax.data.pipeline import make_dataset, numpy_batches, split_size
 from entityclip_jax.data.tokenizer import ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
@@ -49,7 +49,7 @@ def run_search_index(args):
         dataset = make_dataset(args.records, args.split, batch_size=args.batch_size, image_size=image_size,
                                train=False, process_index=0, process_count=1)
         captions = []
-        batches = collecting(numpy_batches(dataset), "query", captions)
+        batches = collecting(numpy_batches(dataset, (args.records, args.split)), "query", captions)
         source = {"kind": "records", "directory": storage.absolute(args.records), "split": args.split,
                   "image_size": image_size}
         total = split_size(args.records, args.split)
@@ -172,7 +172,7 @@ def _hit_images(index, hits):
     dataset = make_dataset(index.source["directory"], index.source["split"], batch_size=64,
                            image_size=index.source.get("image_size", 224), train=False, process_index=0,
                            process_count=1, normalize_on_host=False, ids=list(hits))   # decodes just the hits
-    for batch in numpy_batches(dataset):
+    for batch in numpy_batches(dataset, (index.source["directory"], index.source["split"])):
         for example_id, pixels in zip(batch["id"], batch["pixel_values"]):
             found[example_id.decode("utf-8")] = pixels
     return [found.get(h, f"{h} (not found in the records)") for h in hits], [str(h) for h in hits]

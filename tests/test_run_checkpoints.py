@@ -5,12 +5,15 @@ import jax
 import numpy as np
 import pytest
 
-from entityclip_jax.checkpoints import init_entityclip, load_towers, load_towers_and_heads
+from entityclip_jax.checkpoints.model_init import init_entityclip
+from entityclip_jax.checkpoints.towers import load_towers, load_towers_and_heads
 from entityclip_jax.config import model_from_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
-from entityclip_jax.train import checkpoint as ckpt
-from entityclip_jax.train import optimizer, sharding
+from entityclip_jax.checkpoints import run as ckpt
+from entityclip_jax.parallel import sharding
+from entityclip_jax.parallel.mesh import make_mesh
+from entityclip_jax.train import optimizer
 from entityclip_jax.train.state import abstract_state, state_specs
 from tests._tiny_training import build_state, tiny_config, tiny_model
 
@@ -32,7 +35,7 @@ def saved_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     model, params = tiny_model()
     config = tiny_config(**FSDP)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh)
     _, state, _, _ = build_state(model, params, config, mesh)
     ckpt.write_run_files(workdir, model.clip, config)
     checkpointer = ckpt.Checkpointer(workdir, config.checkpoint)
@@ -55,16 +58,17 @@ def test_keeps_the_last_k_and_the_best(saved_run):
     assert checkpointer.best_step() == 2 and checkpointer.latest_step() == 4
 
 
+@pytest.mark.slow  # restores a whole sharded model twice
 @pytest.mark.parametrize("target", ["data8", "one_cpu"])
 def test_restores_onto_another_mesh(saved_run, target):
     workdir, config, final_state = saved_run
     model, _ = tiny_model()
     if target == "one_cpu":
         config = tiny_config(**{"mesh": (("data", 1),)})
-        mesh = sharding.make_mesh(config.mesh, jax.devices("cpu")[:1])
+        mesh = make_mesh(config.mesh, jax.devices("cpu")[:1])
     else:
         config = tiny_config()
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = make_mesh(config.mesh)
     state, position = ckpt.Checkpointer(workdir, config.checkpoint).restore(restore_target(config, model, mesh))
     assert position == {"step": 4} and int(state.step) == 4
     kernel = state.params["clip"]["visual_projection"]["kernel"]
@@ -77,7 +81,7 @@ def test_checkpoint_of_another_architecture_is_refused(saved_run):
     model, _ = tiny_model()
     config = tiny_config(**{"heads.num_text_experts": 3})
     other = model_from_config(config, model.clip)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh)
     with pytest.raises(EntityClipError, match=r"heads/text_experts/layer_norm1/bias \(shape \(2, 32\) there, "
                                               r"shape \(3, 32\) here\)"):
         ckpt.Checkpointer(workdir, config.checkpoint).restore(restore_target(config, other, mesh))

@@ -7,13 +7,13 @@ import jax
 import numpy as np
 
 from entityclip_jax import storage
-from entityclip_jax.checkpoints import load_towers_and_heads, save_towers
-from entityclip_jax.convert.heads_file import save_heads
-from entityclip_jax.convert.hf import check_export_destination, load_hf_checkpoint, save_hf_checkpoint, upload_export
-from entityclip_jax.convert.openai import openai_to_flax, read_openai_checkpoint
-from entityclip_jax.convert.verify import compare_with_transformers
+from entityclip_jax.checkpoints.towers import load_towers_and_heads, save_towers
+from entityclip_jax.weights.heads_file import save_heads
+from entityclip_jax.weights.hf import check_export_destination, load_hf_checkpoint, save_hf_checkpoint, upload_export
+from entityclip_jax.weights.openai import openai_to_flax, read_openai_checkpoint
+from entityclip_jax.weights.verify import compare_with_transformers
 from entityclip_jax.hub import resolve_checkpoint
-from entityclip_jax.train.tokenizer_match import copy_run_tokenizer
+from entityclip_jax.checkpoints.run_tokenizer import copy_run_tokenizer
 
 
 def _progress(message):
@@ -23,7 +23,7 @@ def _progress(message):
 def configure_import_hf(parser):
     parser.add_argument("source", help="Hugging Face CLIPModel directory (config.json + weights) or hub id "
                                        "(org/name[@revision], e.g. openai/clip-vit-base-patch32)")
-    parser.add_argument("out", help="new towers directory (clip_config.json + Orbax params)")
+    parser.add_argument("out", help="new towers directory (towers_config.json + Orbax params)")
 
 
 def run_import_hf(args):

@@ -10,9 +10,9 @@ import numpy as np
 import safetensors.numpy
 
 from entityclip_jax import storage
-from entityclip_jax.convert.hf import expected_params
-from entityclip_jax.convert.layout import state_dict_to_flax
-from entityclip_jax.convert.torchscript import NotReadable, is_torchscript, read_torchscript_tensors
+from entityclip_jax.weights.hf import expected_params
+from entityclip_jax.weights.layout import state_dict_to_flax
+from entityclip_jax.weights.torchscript import NotReadable, is_torchscript, read_torchscript_tensors
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip_config import CLIPConfig, TextConfig, VisionConfig
 
@@ -157,7 +157,7 @@ def openai_to_flax(state_dict, source="checkpoint", allow_extra=False):
     """OpenAI-layout tensors -> (CLIPConfig, Flax params).
 
     Keys outside the towers are an error unless allow_extra (EntityCLIP release
-    checkpoints also hold experts; entityclip_jax.convert.release reads those).
+    checkpoints also hold experts; entityclip_jax.weights.release reads those).
     """
     towers, extra = split_tower_keys(state_dict)
     if extra and not allow_extra:

@@ -1,9 +1,9 @@
-"""checkpoints.checkpoint_kind: the one decision of what a path holds, told from its files alone
-(the loaders behind each kind are tested in test_checkpoint, test_hub, test_release_import,
+"""checkpoints.towers.checkpoint_kind: the one decision of what a path holds, told from its files alone
+(the loaders behind each kind are tested in test_run_checkpoints, test_hub, test_release_import,
 test_convert and test_demo)."""
 import pytest
 
-from entityclip_jax import checkpoints
+from entityclip_jax.checkpoints import towers as checkpoints
 from entityclip_jax.errors import EntityClipError
 
 
@@ -13,7 +13,9 @@ def kinds(tmp_path):
     (tmp_path / "run" / "checkpoints" / "3" / "state").mkdir(parents=True)
     (tmp_path / "run" / "towers_config.json").write_text("{}")
     (tmp_path / "towers" / "params").mkdir(parents=True)
-    (tmp_path / "towers" / "clip_config.json").write_text("{}")
+    (tmp_path / "towers" / "towers_config.json").write_text("{}")
+    (tmp_path / "old_towers" / "params").mkdir(parents=True)  # written before 0.2: the file's old name
+    (tmp_path / "old_towers" / "clip_config.json").write_text("{}")
     for name in ("hf", "export"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
@@ -26,10 +28,10 @@ def kinds(tmp_path):
 
 def test_each_kind_is_told_apart(kinds):
     found = {name: checkpoints.checkpoint_kind(str(kinds / name))
-             for name in ("run", "run/checkpoints/3", "towers", "hf", "export", "ViT-B-32.pt")}
+             for name in ("run", "run/checkpoints/3", "towers", "old_towers", "hf", "export", "ViT-B-32.pt")}
     assert found == {"run": checkpoints.TRAINING_RUN, "run/checkpoints/3": checkpoints.CHECKPOINT_STEP,
-                     "towers": checkpoints.TOWERS, "hf": checkpoints.HF, "export": checkpoints.HF_EXPORT,
-                     "ViT-B-32.pt": checkpoints.STATE_DICT_FILE}
+                     "towers": checkpoints.TOWERS, "old_towers": checkpoints.TOWERS, "hf": checkpoints.HF,
+                     "export": checkpoints.HF_EXPORT, "ViT-B-32.pt": checkpoints.STATE_DICT_FILE}
     assert len(set(found.values())) == 6
 
 

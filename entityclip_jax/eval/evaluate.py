@@ -1,43 +1,31 @@
-"""CLI: `entityclip eval` (Recall@K), `entityclip classify` (zero-shot news sections) and
-`entityclip compare` (two evaluations of one split, query by query).
+"""Evaluate a checkpoint on a records split with the plain CLIP towers (METHOD.md, Inference).
 
-Both run the plain CLIP towers only (METHOD.md, Inference): whatever checkpoint
-kind the user has (training workdir, towers directory, Hugging Face directory,
-OpenAI-layout file).
+Whatever checkpoint kind the user has (training workdir, towers directory, Hugging Face
+directory, OpenAI-layout file): Recall@K both ways, and zero-shot news classification
+(the paper's Figure 5). With report=True also each query's top 5 and the HTML page of
+them (html_report.py), what `entityclip compare` reads. The `entityclip eval` / `classify`
+commands call these.
 """
 import dataclasses
-import json
 import os
-import time
 
 import numpy as np
 
-from entityclip_jax.checkpoints import load_towers
+from entityclip_jax.checkpoints.run_tokenizer import check_eval_data
+from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.data.pipeline import make_dataset, numpy_batches
 from entityclip_jax.data.tokenizer import load_tokenizer
 from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
                                           write_classification_report, zero_shot_classify)
-from entityclip_jax.eval.compare import compare_results
 from entityclip_jax.eval.encode import check_finite, clip_encoders, collecting, encode_dataset
 from entityclip_jax.eval.html_report import (DEFAULT_ROWS, THUMBNAIL_LIMIT, TOP_K, images_on_page, rows_on_page,
                                              write_report)
-from entityclip_jax.eval.report import markdown_table, write_retrieval_report
+from entityclip_jax.eval.report import write_retrieval_report
 from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
 from entityclip_jax.eval.retrieval_details import make_details, write_details
 from entityclip_jax.eval.thumbnails import record_thumbnails
-from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
 from entityclip_jax.models.clip import CLIPModel
-from entityclip_jax.train.tokenizer_match import check_eval_data
-
-
-def _add_common(parser):
-    parser.add_argument("--checkpoint", required=True,
-                        help="training workdir, towers dir, Hugging Face CLIPModel dir or OpenAI .pt")
-    parser.add_argument("--data", required=True, help="TFRecord dataset directory (write-records output)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--out", required=True, help="directory for the JSON, Markdown and PNG results")
-    parser.add_argument("--batch-size", type=int, default=64)
 
 
 def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", transform=None, encoders=None):
@@ -54,7 +42,7 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
         encoders.append((encode_image, encode_text))
     dataset = make_dataset(data_dir, split, batch_size=batch_size, image_size=config.vision.image_size,
                            train=False, process_index=0, process_count=1)
-    batches = numpy_batches(dataset)
+    batches = numpy_batches(dataset, (data_dir, split))
     if transform is not None:
         batches = transform(batches, config)
     images, texts, ids, labels = encode_dataset(batches, encode_image, encode_text, text_key=text_key)
@@ -94,30 +82,6 @@ def _collecting_captions(sink):
     return lambda batches, config: collecting(batches, "query", sink)
 
 
-def configure_eval(parser):
-    _add_common(parser)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="similarity rows scored at a time")
-    parser.add_argument("--ties", choices=("pessimistic", "optimistic"), default="pessimistic",
-                        help="tied scores count against the query (default: a collapsed model scores 0, not 100)")
-    parser.add_argument("--report", action="store_true",
-                        help="also each query's top 5 (retrieval_details.npz, for `compare`) and report.html, "
-                             "a self-contained page of them")
-    parser.add_argument("--report-rows", type=int, default=DEFAULT_ROWS,
-                        help=f"queries per direction on the page; a larger split shows a random sample "
-                             f"(default: {DEFAULT_ROWS})")
-
-
-def run_eval(args):
-    start = time.time()
-    if args.report_rows < 1:
-        raise EntityClipError(f"--report-rows must be at least 1, got {args.report_rows}")
-    metrics, paths = evaluate_retrieval(args.checkpoint, args.data, args.split, args.out,
-                                        args.batch_size, args.chunk_size, args.ties, args.report, args.report_rows)
-    print(markdown_table(metrics))
-    print(f"{metrics['num_images']} images, {metrics['num_texts']} texts in {time.time() - start:.1f}s; "
-          f"wrote {', '.join(str(p) for p in _as_list(paths))}")
-
-
 def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_path, class_names=None,
                              template=None, batch_size=64):
     """The paper's Figure 5: class prompts scored against image and headline, averaged."""
@@ -141,41 +105,3 @@ def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_pat
     predictions = zero_shot_classify(images, headlines, prompts)
     return write_classification_report(label_indices(labels, class_names), np.asarray(predictions),
                                        class_names, out_dir, template=template or DEFAULT_TEMPLATE)
-
-
-def configure_classify(parser):
-    _add_common(parser)
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory or OpenAI .gz vocabulary")
-    parser.add_argument("--template", help="class prompt template with {section}")
-
-
-def run_classify(args):
-    paths = zero_shot_classification(args.checkpoint, args.data, args.split, args.out, args.tokenizer,
-                                     template=args.template, batch_size=args.batch_size)
-    summary = json.loads(paths["json"].read_text())
-    print(f"zero-shot accuracy {summary['accuracy']:.1f}% over {summary['num_examples']} articles; "
-          f"wrote {paths['json']} and {paths['png']}")
-
-
-def _as_list(paths):
-    return list(paths.values()) if isinstance(paths, dict) else list(paths)
-
-
-def configure_compare(parser):
-    parser.add_argument("results_a", metavar="RESULTS_A", help="an `entityclip eval --report` output directory")
-    parser.add_argument("results_b", metavar="RESULTS_B", help="another one, of the same split")
-    parser.add_argument("--out", help="the page to write (default: RESULTS_A/compare_<name of B>.html)")
-    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS,
-                        help=f"queries per direction on the page, those whose rank moved most "
-                             f"(default: {DEFAULT_ROWS})")
-
-
-def run_compare(args):
-    if args.rows < 1:
-        raise EntityClipError(f"--rows must be at least 1, got {args.rows}")
-    out, summary = compare_results(args.results_a, args.results_b, args.out, max_rows=args.rows)
-    for direction in summary:
-        s = summary[direction]
-        print(f"{s['label']}: {s['name_a']} fixed {s['fixed']} and broke {s['broken']} of {s['total']} "
-              f"(rank 1 vs not); ranks better {s['better']}, worse {s['worse']}, same {s['same']}")
-    print(f"wrote {out}")

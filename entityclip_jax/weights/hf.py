@@ -15,7 +15,7 @@ import numpy as np
 import safetensors.numpy
 
 from entityclip_jax import storage
-from entityclip_jax.convert.layout import flax_to_state_dict, state_dict_to_flax
+from entityclip_jax.weights.layout import flax_to_state_dict, state_dict_to_flax
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import CLIPConfig

@@ -61,7 +61,8 @@ def host_batches(config, image_size, start_step, steps_in_epoch, process_index, 
             process_index=process_index, process_count=process_count, random_crop=config.data.random_crop,
             shuffle_buffer=config.data.shuffle_buffer, normalize_on_host=config.data.normalize_on_host,
             dct_scaling=config.data.dct_scaling)
-        yield from pipeline.numpy_batches(ds.skip(skip).take(steps_in_epoch - skip))
+        yield from pipeline.numpy_batches(ds.skip(skip).take(steps_in_epoch - skip),
+                                          (config.data.dir, config.data.train_split))
         epoch, skip = epoch + 1, 0
 
 

@@ -1,25 +1,26 @@
-"""`entityclip write-records`: one split of a raw dataset -> explanation-augmented TFRecords.
+"""`entityclip write-records`, `check-source` and `tokenizer`: raw dataset splits -> TFRecords.
 
-`entityclip check-source` takes the same source and image flags (add_source_arguments)
-and reads the split the same way (source_examples + records.checked_examples), so
-its counts are what write-records writes.
+write-records turns one split of a raw dataset into explanation-augmented TFRecords.
+check-source takes the same source and image flags (add_source_arguments) and reads
+the split the same way (source_examples + records.checked_examples), so its counts
+are what write-records writes. tokenizer turns OpenAI's BPE file into Hugging Face
+tokenizer files.
 """
+import collections
 import os
 
+from entityclip_jax import storage
 from entityclip_jax.data.example import SkipReport
-from entityclip_jax.data.records import write_split
-from entityclip_jax.data.sources import read_source
+from entityclip_jax.data.explanation_cache import read_explanations
+from entityclip_jax.data.records import checked_examples, write_split
+from entityclip_jax.data.sources import SOURCES, read_source
 from entityclip_jax.data.sources.explanations import attach_explanations, read_capdsc, release_capdsc_path
-from entityclip_jax.data.tokenizer import load_tokenizer
+from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, load_tokenizer
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.explain.cache import read_explanations
-
-SOURCES = ("n24news", "visualnews", "goodnews", "jsonl", "csv")
-
 
 def add_source_arguments(parser):
     """The raw-split, explanation and image flags write-records and check-source share."""
-    parser.add_argument("--source", "--kind", dest="source", required=True, choices=SOURCES,
+    parser.add_argument("--source", "--kind", dest="source", required=True, choices=list(SOURCES),
                         help="layout of the raw dataset")
     parser.add_argument("--root", required=True, help="root directory of the raw dataset release")
     parser.add_argument("--split", required=True, help="split to read (train, dev/val, test, ...)")
@@ -38,7 +39,7 @@ def add_source_arguments(parser):
     parser.add_argument("--workers", type=int, help="image-checking processes (default: all cores)")
 
 
-def configure(parser):
+def configure_write_records(parser):
     add_source_arguments(parser)
     parser.add_argument("--tokenizer", required=True,
                         help="Hugging Face CLIP checkpoint/tokenizer directory or bpe_simple_vocab_16e6.txt.gz")
@@ -75,7 +76,7 @@ def source_examples(args, report):
     return attach_explanations(examples, by_id, by_query, by_image, args.missing_explanation, report)
 
 
-def run(args):
+def run_write_records(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
 
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_style)
@@ -89,3 +90,38 @@ def run(args):
           f"skipped {skipped['skipped']} {skipped['by_reason'] or ''}; "
           f"empty explanations {skipped.get('notes_by_reason', {}).get('empty_explanation', 0)}")
     return 0
+
+
+def configure_tokenizer(parser):
+    parser.add_argument("--bpe", required=True,
+                        help="OpenAI's bpe_simple_vocab_16e6.txt.gz (ships inside the open_clip_torch wheel)")
+    parser.add_argument("--out", required=True, help="directory for the Hugging Face tokenizer files")
+
+
+def run_tokenizer(args):
+    out = build_hf_tokenizer_files(args.bpe, args.out)
+    tokenizer = load_tokenizer(out)
+    print(f"wrote {out}: vocab {tokenizer.vocab_size}, fingerprint {tokenizer.fingerprint}")
+
+
+def configure_check_source(parser):
+    add_source_arguments(parser)
+    parser.add_argument("--report", default=None, help="write the skip report here as JSON")
+
+
+def run_check_source(args):
+    """Reads a split as write-records does (images decoded too), and prints counts and skip reasons."""
+    report = SkipReport()
+    examples = checked_examples(source_examples(args, report), report, max_side=args.max_side,
+                                jpeg_quality=args.jpeg_quality, workers=args.workers)
+    count, labels = 0, collections.Counter()
+    for example, _ in examples:
+        count += 1
+        labels[example.label] += 1
+    summary = report.to_dict()
+    print(f"{args.source} {args.split}: {count} examples, {summary['skipped']} skipped {summary['by_reason']}, "
+          f"{summary['noted']} noted {summary['notes_by_reason']}")
+    if any(label is not None for label in labels):
+        print(f"labels: {dict(labels.most_common())}")
+    if args.report:
+        storage.write_json_atomic(args.report, summary, indent=1)

@@ -1,0 +1,103 @@
+"""Is a restored checkpoint the one that was saved? Checksums of the values, and sanity of the values.
+
+A step is saved with a checksum of every array's values (value_checksums, computed on the
+devices from the state being saved, stored as JSON beside it), and a restored step must give
+the same checksums, hold no NaN/Inf and nothing above MAX_ABS. This goes through public APIs
+only (Orbax's own format checksums only the zarr3 shard index) and is independent of the
+storage layout: any damage that changes a value, whatever file or codec it hits, shows.
+
+The checksum of an array is sum_i bits(x_i) * w_i mod 2^32, with bits(x_i) the element's bit
+pattern and w_i an odd weight derived from its position: an integer sum is exact in any order,
+so every mesh (or one CPU) that holds the array computes the same number, and a flipped bit
+(w_i odd) or two swapped elements always change it.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entityclip_jax.errors import EntityClipError
+from entityclip_jax.parallel.sharding import path_name
+
+MAX_ABS = 1e10  # no parameter or Adam moment of a sane run comes near this; a flipped exponent bit lands far above
+_GOLDEN = 2654435761  # Knuth's multiplicative hash constant: spreads consecutive positions over the weights
+
+
+class DamagedCheckpoint(EntityClipError):
+    """A saved step that cannot be read back intact (the message is one line)."""
+
+
+def _bits(x):
+    """The element bit patterns of x as uint32 (1, 2 and 4-byte dtypes)."""
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _weights(shape):
+    """An odd uint32 weight per position of an array of `shape` (no reshape: a sharded array stays put)."""
+    linear = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        linear = linear + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return linear * jnp.uint32(_GOLDEN) * jnp.uint32(2) + jnp.uint32(1)
+
+
+@jax.jit
+def _checksums(leaves):
+    return [jnp.sum(_bits(x) * _weights(x.shape), dtype=jnp.uint32) for x in leaves]
+
+
+def _array_leaves(tree):
+    return [(path_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "dtype") and hasattr(leaf, "shape")]
+
+
+def value_checksums(tree):
+    """{parameter path: uint32 checksum} of every array in `tree` (device or host arrays)."""
+    named = _array_leaves(tree)
+    values = jax.device_get(_checksums([leaf for _, leaf in named])) if named else []
+    return {name: int(value) for (name, _), value in zip(named, values)}
+
+
+def check_checksums(tree, saved, where, prefix=""):
+    """Raises DamagedCheckpoint when an array of `tree` differs from the checksum saved for it.
+    `prefix` places a subtree's paths in the saved state ("params/")."""
+    for name, value in value_checksums(tree).items():
+        expected = saved.get(prefix + name)
+        if expected is not None and int(expected) != value:
+            raise DamagedCheckpoint(f"{where}: {prefix + name} does not hold the values that were saved "
+                                    "(checksum mismatch)")
+
+
+@jax.jit
+def _peaks(leaves):
+    """max |x| per leaf, inf when it holds a NaN or Inf (XLA's max may skip NaN)."""
+    return [jnp.max(jnp.where(jnp.isfinite(x), jnp.abs(x), jnp.inf)) for x in leaves]
+
+
+def check_values(tree, where):
+    """Refuses (DamagedCheckpoint) a tree with a NaN/Inf or |x| > MAX_ABS in any float leaf."""
+    named = [(name, leaf) for name, leaf in _array_leaves(tree)
+             if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size]
+    on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
+    on_host = [(name, leaf) for name, leaf in named if not isinstance(leaf, jax.Array)]
+    peaks = [float(p) for p in jax.device_get(_peaks([leaf for _, leaf in on_device]))] if on_device else []
+    peaks += [float(np.max(np.where(np.isfinite(leaf), np.abs(leaf), np.inf))) for _, leaf in on_host]
+    for (name, _), peak in zip(on_device + on_host, peaks):
+        if not np.isfinite(peak):
+            raise DamagedCheckpoint(f"{where}: {name} holds NaN or Inf")
+        if peak > MAX_ABS:
+            raise DamagedCheckpoint(f"{where}: {name} holds |x| = {peak:.3g} (> {MAX_ABS:.0e})")
+
+
+def describe_failure(err):
+    """One line for why reading a step failed: the innermost cause's type and first line."""
+    causes = []
+    while err is not None and len(causes) < 20:
+        causes.append(err)
+        err = err.__cause__ or err.__context__
+    root = causes[-1]
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0][:300] if text else ''}".rstrip(": ")

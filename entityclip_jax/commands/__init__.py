@@ -1,0 +1,1 @@
+"""The `entityclip` subcommands: each module defines configure_<name>(parser) and run_<name>(args)."""

@@ -1,0 +1,1 @@
+"""EntityCLIP's objective as pure functions: VTC, GI-ITM with hard negatives, the loss of one batch."""

@@ -1,0 +1,1 @@
+"""Where arrays live: the device mesh and the sharding rules of parameters and batches."""
