@@ -150,6 +150,7 @@ def train(config, workdir, allow_config_change=False):
     mesh = make_mesh(config.mesh)
     steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
+    optimizer.learning_rate_schedule(config.optimizer, total_steps)  # refuses a warmup as long as the run, now
     data_checked = _check_data_fits(config, workdir)
     checkpointer = run_format.Checkpointer(workdir, config.checkpoint)
     model, tx, schedule, shardings, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch,
