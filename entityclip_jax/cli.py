@@ -31,6 +31,7 @@ COMMANDS = {
     "search": ("entityclip_jax.commands.search", "text query -> top-k images from a search index (+ contact sheet)"),
     "serve": ("entityclip_jax.commands.search", "a local web page to search an index: type a query, see the images"),
     "train": ("entityclip_jax.commands.train", "train or resume EntityCLIP (or plain CLIP) from a config; Orbax checkpoints in --workdir"),
+    "plan": ("entityclip_jax.commands.plan", "before renting: compile a config's train step for a TPU slice or GPUs; fit, FLOPs, speed ceiling"),
 }
 
 

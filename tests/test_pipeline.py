@@ -138,6 +138,20 @@ def test_to_global_arrays_shards_the_batch_over_eight_devices(data_dir):
     assert sorted(s.index[0].start for s in both["query_ids"].addressable_shards) == list(range(8))
 
 
+@pytest.mark.parametrize("normalize_on_host", [True, False])
+def test_batch_shapes_are_what_the_devices_get(data_dir, normalize_on_host):
+    """What `entityclip plan` compiles for without reading data: every array of a real batch, no more."""
+    import jax
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    ds = pipeline.make_dataset(data_dir, "test", batch_size=8, image_size=24, train=True, process_index=0,
+                               process_count=1, normalize_on_host=normalize_on_host)
+    arrays = pipeline.to_global_arrays(next(ds.as_numpy_iterator()), mesh, "data")
+    context_length = records.read_meta(data_dir)["context_length"]
+    expected = pipeline.batch_shapes(8, 24, context_length, normalize_on_host)
+    assert {k: (a.shape, a.dtype) for k, a in arrays.items()} == {k: (s.shape, s.dtype) for k, s in expected.items()}
+
+
 def test_truncated_shard_is_named_or_skipped(data_dir, tmp_path, caplog):
     import shutil
     damaged = tmp_path / "damaged"

@@ -22,6 +22,7 @@ import logging
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -233,6 +234,16 @@ def numpy_batches(ds, source=None):
             raise EntityClipError(f"a record could not be decoded ({err.message}); the shard is damaged "
                                   "or was not written by write-records")
         yield batch
+
+
+def batch_shapes(batch_size, image_size, context_length, normalize_on_host=True):
+    """The arrays of one batch as to_global_arrays puts them on the devices (strings stay on the
+    host), as jax.ShapeDtypeStructs: what a step is compiled for without reading any data."""
+    pixels = jnp.float32 if normalize_on_host else jnp.uint8
+    return {"pixel_values": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), pixels),
+            "query_ids": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32),
+            "explanation_ids": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
 
 
 def to_global_arrays(batch, mesh, data_axis_names):
