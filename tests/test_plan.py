@@ -270,9 +270,9 @@ def test_the_architecture_comes_from_the_config_without_weights(tmp_path):
 
 def test_libtpu_and_the_cuda_plugin_live_beside_the_environment_for_plan_only():
     """Installing them for plan changes nothing for the other commands: they are not importable there
-    (libtpu would make train take a CPU box for a TPU VM and print TPU warnings), and
-    `entityclip --help` and a CPU backend start in silence."""
-    assert len(tpu_devices("v5e-4")) == 4
+    (libtpu would make train take a CPU box for a TPU VM and print TPU warnings), `entityclip --help`
+    and a CPU backend start in silence, and a process that planned finds them no more afterwards."""
+    assert len(tpu_devices("v5e-4")) == 4 and len(accelerators.devices(accelerators.parse("h100"))) == 1
     for directory in (accelerators.LIBTPU_DIR, accelerators.CUDA_PLUGIN_DIR):
         assert os.path.isdir(os.path.join(sys.prefix, directory)), f"run `make plan-deps` ({directory})"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
@@ -287,7 +287,10 @@ def test_libtpu_and_the_cuda_plugin_live_beside_the_environment_for_plan_only():
     result = subprocess.run([sys.executable, "-m", "entityclip_jax.cli", "--help"], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and "plan" in result.stdout and result.stderr == ""
-    assert importlib.util.find_spec("libtpu") is not None  # this process planned: the directory is on its path
+    # this process planned: the compilers are loaded, yet nothing here finds them
+    from entityclip_jax.train import distributed
+    assert importlib.util.find_spec("libtpu") is None and not distributed._tpu_host()
+    assert importlib.util.find_spec("jax_plugins") is None
 
 
 def test_chip_table_names_its_sources():

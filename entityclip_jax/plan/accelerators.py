@@ -131,17 +131,16 @@ def _tpu(text, generation, count, slices):
 def devices(accelerator):
     """The accelerator's devices, for compiling only (no hardware needed)."""
     if accelerator.platform == "tpu":
-        _put_beside_on_path("libtpu", LIBTPU_DIR, "libtpu==0.0.42.1 (the libtpu jax[tpu]==0.10.2 pins)")
-        with _environment(TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
-                          TPU_ACCELERATOR_TYPE="v4-8"):
+        with _beside("libtpu", LIBTPU_DIR, "libtpu==0.0.42.1 (the libtpu jax[tpu]==0.10.2 pins)"), _environment(
+                TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_WORKER_HOSTNAMES="localhost",
+                TPU_ACCELERATOR_TYPE="v4-8"):
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=accelerator.topology, chip_config_name=accelerator.chip_config_name,
                 chips_per_host_bounds=accelerator.host_bounds, num_slices=accelerator.num_slices)
         return list(topology.devices)
     target = _GPU_TARGET.format(**_GPUS[accelerator.name.partition("x")[0]])
-    _put_beside_on_path("jax_plugins.xla_cuda12", CUDA_PLUGIN_DIR,
-                        "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
-    with _environment(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1"):  # no CUDA libraries here, and none needed
+    with _beside("jax_plugins.xla_cuda12", CUDA_PLUGIN_DIR, "jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2"), \
+            _environment(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1"):  # no CUDA libraries here, and none needed
         try:
             topology = topologies.get_topology_desc("aot", "cuda", target_config=target,
                                                     topology=accelerator.topology)
@@ -152,18 +151,33 @@ def devices(accelerator):
     return list(topology.devices)
 
 
-def _put_beside_on_path(module, directory, requirement):
-    """Puts <environment>/<directory> on sys.path unless `module` is importable already."""
+@contextlib.contextmanager
+def _beside(module, directory, requirement):
+    """<environment>/<directory> on sys.path while the compiler loads, unless `module` is importable
+    already (a TPU VM's libtpu). Afterwards sys.path and sys.modules are as they were: the loaded
+    compiler stays loaded, but nothing else in the process finds it (train's TPU-VM check looks
+    for libtpu; tests run train after plan in one process)."""
     with contextlib.suppress(ModuleNotFoundError):
         if importlib.util.find_spec(module) is not None:
+            yield
             return
     beside = os.path.join(sys.prefix, directory)  # not a user path: the install location the Makefile uses
     if not os.path.isdir(beside):  # not a user path: as above
         raise EntityClipError(f"planning needs the compiler that {module} brings and it is not installed; run "
                               f"`make plan-deps`, or: pip install --no-deps --target {beside} {requirement}")
-    if beside not in sys.path:
-        sys.path.append(beside)
+    before = set(sys.modules)
+    sys.path.append(beside)
     importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(beside)
+        for name in set(sys.modules) - before:
+            found = sys.modules[name]
+            places = [getattr(found, "__file__", None) or "", *(getattr(found, "__path__", None) or [])]
+            if any(str(place).startswith(beside) for place in places):
+                del sys.modules[name]
+        importlib.invalidate_caches()
 
 
 @contextlib.contextmanager

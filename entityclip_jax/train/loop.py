@@ -36,7 +36,7 @@ from entityclip_jax.config import check_devices, model_from_config, validate_con
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import chips, distributed, input_stream, profiling, setup
+from entityclip_jax.train import chips, distributed, input_stream, optimizer, profiling, setup
 from entityclip_jax.train.state import create_train_state
 from entityclip_jax.train.validation import Validator
 
