@@ -129,7 +129,7 @@ def state_bytes(config, fsdp_size):
     return total
 
 
-@pytest.mark.parametrize("overrides, fsdp_size", [([], 1), (FSDP_4, 4)])
+@pytest.mark.parametrize("overrides, fsdp_size", [([], 1), pytest.param(FSDP_4, 4, marks=pytest.mark.slow)])
 def test_argument_bytes_per_device_are_what_the_sharding_implies(overrides, fsdp_size):
     """On 4 CPU devices (no tile padding), the compiler's argument bytes per device are the state the
     sharding implies plus at most the batch's quarter (arrays the step never reads are pruned)."""

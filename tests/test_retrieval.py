@@ -39,7 +39,7 @@ def tied_problem(seed, num_images=37, dim=6):
 
 @pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
 @pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (10, "numpy"), (1000, "numpy"),
-                                                 (10, "jax")])
+                                                 pytest.param(10, "jax", marks=pytest.mark.slow)])  # a compile
 def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size, backend, monkeypatch):
     import jax.numpy as jnp
 
@@ -254,7 +254,8 @@ def brute_force_top(image_embeds, text_embeds, text_to_image, k):
     return np.array(i2t), np.array(t2i), sims
 
 
-@pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (1000, "numpy"), (7, "jax")])
+@pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (1000, "numpy"),
+                                                 pytest.param(7, "jax", marks=pytest.mark.slow)])  # a compile
 def test_top_k_in_the_chunked_pass_equals_sorted_rows_with_ties(chunk_size, backend, monkeypatch):
     import jax.numpy as jnp
 
