@@ -8,10 +8,11 @@ none of them; a module imports its stack at the top (jax, orbax), and only
 TensorFlow, torch and LLM backends where they are used.
 """
 import argparse
+import errno
 import importlib
 import sys
 
-from entityclip_jax.errors import EntityClipError
+from entityclip_jax.errors import EXIT_ABORTED, EXIT_REFUSED, EntityClipError
 
 # name -> (module, one-line help). Add a stage by adding a row here.
 COMMANDS = {
@@ -64,7 +65,35 @@ def main(argv=None):
         return _function(module, "run", args.command)(args) or 0
     except EntityClipError as err:
         print(f"entityclip {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
+    except OSError as err:  # what the machine did (full disk, permissions ...), wherever it surfaced
+        print(f"entityclip {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"entityclip {args.command}: interrupted (Ctrl-C) and stopped at once; rerun the same command "
+              "(train resumes from its last checkpoint)", file=sys.stderr)
+        return EXIT_ABORTED
+
+
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or write elsewhere, and rerun the same command",
+    errno.EDQUOT: "the disk quota is used up: free space there, or write elsewhere, and rerun the same command",
+    errno.EFBIG: "the file grew past the size limit (ulimit -f): raise the limit, or write elsewhere, and rerun",
+    errno.EACCES: "you may not read or write there: fix its permissions, or choose another path",
+    errno.EPERM: "you may not read or write there: fix its permissions, or choose another path",
+    errno.EROFS: "that file system is read-only: choose another path",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "it is a directory where a file was expected: check the path",
+}
+
+
+def describe_os_error(err):
+    """One line for an OSError: what the system said, about which path, and what to do."""
+    where = f": {err.filename}" if err.filename else ""
+    what = err.strerror or str(err) or type(err).__name__
+    fix = _OS_ERROR_FIXES.get(err.errno, "fix the cause and rerun the same command")
+    return f"{what}{where}; {fix}"
 
 
 if __name__ == "__main__":
