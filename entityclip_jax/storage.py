@@ -16,19 +16,31 @@ Object storage has no rename and no append, so:
     appears whole when its upload is closed, so a plain write is already atomic;
   * directories that must appear complete (records, exports) get a marker file
     written last (entityclip_meta.json, the export marker), never a rename;
-  * append (metrics.jsonl): see JsonLines.
+  * append (metrics.jsonl): see JsonLines;
+  * exclusive ownership (train's workdir lease): a generation precondition on gs://
+    (write_object_if), an flock on a local disk (lock_file).
+
+A gs:// path is checked against Cloud Storage's bucket naming rules when it is first
+turned into a path (check_bucket_name), so a name the service refuses fails in one line
+up front, not after minutes of work.
 """
 import contextlib
+import fcntl
+import functools
 import io
+import ipaddress
 import json
 import os
 import posixpath
+import re
 import secrets
 import shutil
 import tempfile
 import time
 
 from etils import epath
+
+from entityclip_jax.errors import EntityClipError
 
 os.environ.setdefault("EPATH_USE_TF", "0")  # gs:// through gcsfs everywhere (see above); read at every call
 
@@ -40,19 +52,60 @@ def is_remote(p):
     return str(p).startswith(REMOTE_PREFIXES)
 
 
+_BUCKET_CHARACTERS = re.compile(r"[a-z0-9][a-z0-9._-]*[a-z0-9]")
+
+
+def check_bucket_name(p):
+    """Refuses (EntityClipError) a gs:// path whose bucket name Cloud Storage would refuse
+    (cloud.google.com/storage/docs/buckets#naming): 3-63 characters (222 with dots, 63 between
+    them) of lower-case letters, digits, "-", "_" and ".", starting and ending with a letter or
+    digit, not an IP address, not starting with "goog" nor holding "google"."""
+    if not is_remote(p):
+        return
+    bucket = str(p).split("://", 1)[1].split("/", 1)[0]
+    problem = None
+    if not 3 <= len(bucket) <= (222 if "." in bucket else 63):
+        problem = "it must have 3 to 63 characters (up to 222 with dots)"
+    elif not _BUCKET_CHARACTERS.fullmatch(bucket):
+        problem = ("it may hold only lower-case letters, digits, '-', '_' and '.', and must start and end "
+                   "with a letter or digit")
+    elif any(not part or len(part) > 63 for part in bucket.split(".")):
+        problem = "each dot-separated part must have 1 to 63 characters"
+    elif bucket.startswith("goog") or "google" in bucket or "g00gle" in bucket:
+        problem = "it may not start with 'goog' or contain 'google'"
+    else:
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(bucket)
+            problem = "it may not be an IP address"
+    if problem:
+        raise EntityClipError(f"{p}: {bucket!r} is not a valid Cloud Storage bucket name ({problem}); "
+                              "use the name of a bucket you created, e.g. gs://my-bucket/run1")
+
+
 def path(p):
-    """A user path as an epath.Path: gs://bucket/... or a local path (~ expanded)."""
-    return epath.Path(p) if is_remote(p) else epath.Path(os.path.expanduser(str(p)))
+    """A user path as an epath.Path: gs://bucket/... (its bucket name checked) or a local path (~ expanded)."""
+    if is_remote(p):
+        check_bucket_name(p)
+        return epath.Path(p)
+    return epath.Path(os.path.expanduser(str(p)))
 
 
 def absolute(p):
     """A user path as a string that stays valid after a chdir: local made absolute, gs:// as given."""
-    return str(p).rstrip("/") if is_remote(p) else os.path.abspath(os.path.expanduser(str(p)))
+    if is_remote(p):
+        check_bucket_name(p)
+        return str(p).rstrip("/")
+    return os.path.abspath(os.path.expanduser(str(p)))
 
 
 def join(root, *parts):
     """root/part/... as a string, gs:// kept intact (pathlib.Path would turn gs://b into gs:/b)."""
     return str(path(root).joinpath(*map(str, parts)))
+
+
+def parent(p):
+    """The directory holding p, as a string (gs:// kept intact)."""
+    return str(path(absolute(p)).parent)
 
 
 def is_absolute(p):
@@ -81,6 +134,35 @@ def open(p, mode="r", encoding="utf-8", errors=None, newline=None):  # noqa: A00
     if "b" in mode:
         return binary
     return io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+
+
+def check_writable(directory, fix):
+    """Refuses (EntityClipError, one line ending in `fix`) a directory nothing can be written in,
+    before a command spends time on work it could not save. Locally a temporary file is created
+    in it (the directory and its missing parents made for that, and removed again); on gs:// a
+    probe object is written and deleted. Leaves no trace."""
+    try:
+        if is_remote(directory):  # no directories there: write and delete one probe object
+            probe = path(directory) / f".write-probe-{secrets.token_hex(6)}"
+            try:
+                probe.write_text("")
+            except FileNotFoundError:  # gcsfs names only the request URL
+                bucket = str(directory).split("://", 1)[1].split("/", 1)[0]
+                raise OSError(f"bucket {bucket} does not exist, or you may not see it") from None
+            probe.unlink()
+            return
+        target = path(absolute(directory))
+        missing = [d for d in [target, *target.parents] if not d.exists()]
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=target):
+                pass
+        finally:
+            for made in missing:  # deepest first; only what this check made, and only while empty
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+    except OSError as err:
+        raise EntityClipError(f"cannot write to {directory} ({err.strerror or err}); {fix}") from None
 
 
 def listdir(p):
@@ -180,6 +262,14 @@ def files(directory):
             yield item
 
 
+def _json_object(line):
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class JsonLines:
     """An append-only JSON-lines file (metrics.jsonl) that works on object storage too.
 
@@ -195,11 +285,13 @@ class JsonLines:
         self._dirty, self._flushed_at = False, time.monotonic()
 
     def read(self):
+        """Every record, in order; a line that is not a JSON object (torn by a kill or a full disk) is left out."""
         if self._lines is not None:
             return [json.loads(line) for line in self._lines]
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = self.path.read_bytes().decode("utf-8", errors="replace")
+        return [record for record in map(_json_object, text.splitlines()) if record is not None]
 
     def keep(self, predicate):
         """Rewrites the file with only the records for which predicate(record) holds."""
@@ -231,3 +323,81 @@ class JsonLines:
 
     def close(self):
         self.flush()
+
+
+# ---- exclusive ownership: conditional writes on gs://, locks on a local disk
+
+@functools.cache
+def _gcs_client():
+    """google-cloud-storage's client (the one gcsfs itself depends on), made once: it looks up credentials."""
+    from google.cloud import storage as gcs  # lazy: only gs:// ownership needs it; every command imports storage
+    return gcs.Client()
+
+
+@contextlib.contextmanager
+def _cloud_errors_as_os_errors(p):
+    """The client's own errors (a missing bucket, no credentials, 403) as the OSError every caller handles."""
+    from google.api_core import exceptions  # lazy: as _gcs_client
+    from google.auth import exceptions as auth_exceptions  # lazy: as _gcs_client
+    try:
+        yield
+    except auth_exceptions.DefaultCredentialsError as err:
+        raise OSError(f"no Google Cloud credentials to reach {p} ({err}); run `gcloud auth application-default "
+                      "login`, or use a VM whose service account may use the bucket") from None
+    except exceptions.GoogleAPICallError as err:
+        said = " ".join(str(err.message).split())  # the service's answer may hold a JSON body
+        raise OSError(f"{p}: {err.code} {said[:200]}") from None
+
+
+def _bucket_and_name(p):
+    """(Bucket, object name) of gs://bucket/name."""
+    check_bucket_name(p)
+    bucket, name = str(p).split("://", 1)[1].split("/", 1)
+    return _gcs_client().bucket(bucket), name
+
+
+def read_object(p):
+    """(bytes, generation) of the gs:// object p, or None when there is none. The generation
+    changes at every write: write_object_if compares against it."""
+    from google.api_core import exceptions  # lazy: as _gcs_client
+    with _cloud_errors_as_os_errors(p):
+        bucket, name = _bucket_and_name(p)
+        for _ in range(5):  # the object may change between its metadata and its bytes: read both of one generation
+            blob = bucket.get_blob(name)
+            if blob is None:
+                return None
+            try:
+                return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                continue
+    raise OSError(f"{p} changes faster than it can be read")
+
+
+def write_object_if(p, data, generation):
+    """Writes the gs:// object p only while its generation is `generation` (0: only while there is
+    none), one atomic request (a generation precondition); returns the new generation, or None when
+    another writer came first (precondition failed)."""
+    from google.api_core import exceptions  # lazy: as _gcs_client
+    with _cloud_errors_as_os_errors(p):
+        bucket, name = _bucket_and_name(p)
+        blob = bucket.blob(name)
+        try:
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+        except exceptions.PreconditionFailed:
+            return None
+        return blob.generation
+
+
+def lock_file(p):
+    """A local file p (created if missing) opened and held with an exclusive flock, or None when
+    another process holds it. The kernel releases the lock when the file is closed or its
+    process exits or dies (kill -9 included); the file itself stays."""
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle = io.open(target, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle

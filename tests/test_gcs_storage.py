@@ -23,10 +23,26 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_user_paths_keep_gs_and_make_local_ones_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert storage.absolute("gs://b/run1/") == "gs://b/run1"
-    assert storage.join("gs://b/run1", "checkpoints", 3) == "gs://b/run1/checkpoints/3"
+    assert storage.absolute("gs://bkt/run1/") == "gs://bkt/run1"
+    assert storage.join("gs://bkt/run1", "checkpoints", 3) == "gs://bkt/run1/checkpoints/3"
     assert storage.absolute("run1") == str(tmp_path / "run1")
-    assert storage.is_remote("gs://b") and not storage.is_remote(str(tmp_path))
+    assert storage.is_remote("gs://bkt") and not storage.is_remote(str(tmp_path))
+
+
+@pytest.mark.parametrize("bucket, problem", [
+    ("my-bucket_2", None), ("a.b.c", None), ("x" * 63, None), ("a" * 63 + "." + "b" * 63, None),
+    ("ab", "3 to 63 characters"), ("x" * 64, "3 to 63 characters"), ("My-Bucket", "lower-case letters"),
+    ("-bucket", "start and end"), ("bucket_", "start and end"), ("a..b", "dot-separated part"),
+    ("goog-data", "'goog'"), ("my-google-data", "'google'"), ("192.168.5.4", "IP address"),
+])
+def test_bucket_names_cloud_storage_refuses_are_refused_up_front(bucket, problem):
+    path = f"gs://{bucket}/run1"
+    if problem is None:
+        assert storage.absolute(path) == path and str(storage.path(path)) == path
+        return
+    for call in (storage.absolute, storage.path, storage.join):
+        with pytest.raises(EntityClipError, match=f"{bucket!r} is not a valid Cloud Storage bucket name .*{problem}"):
+            call(path)
 
 
 def test_local_atomic_write_replace_and_json_lines(tmp_path):
@@ -41,6 +57,9 @@ def test_local_atomic_write_replace_and_json_lines(tmp_path):
         lines.append({"step": step})
     assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2, 3]
     storage.JsonLines(tmp_path / "m.jsonl").keep(lambda record: record["step"] <= 2)
+    assert storage.JsonLines(tmp_path / "m.jsonl").read() == [{"step": 1}, {"step": 2}]
+    with open(tmp_path / "m.jsonl", "ab") as f:  # a kill -9 or a full disk mid-append: a torn last line
+        f.write(b'{"step": 3, "lo\xc3')
     assert storage.JsonLines(tmp_path / "m.jsonl").read() == [{"step": 1}, {"step": 2}]
 
 
