@@ -3,6 +3,7 @@ replaced by a recorder), and the single-process SIGTERM handler."""
 import importlib.util
 import os
 import signal
+import time
 
 import jax
 import pytest
@@ -102,3 +103,41 @@ def test_one_process_remembers_sigterm_and_restores_the_previous_handler():
     assert preemption.should_stop(2)
     preemption.restore()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_a_first_ctrl_c_asks_for_a_save_a_second_aborts(capsys):
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    preemption = distributed.Preemption()
+    try:
+        assert not preemption.should_stop(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.should_stop(2) and preemption.reason == "SIGINT (Ctrl-C)"
+        assert "saving at the next step" in capsys.readouterr().out
+        os.kill(os.getpid(), signal.SIGTERM)  # a later SIGTERM does not rename the reason
+        assert preemption.reason == "SIGINT (Ctrl-C)"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    finally:
+        preemption.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == previous
+
+
+@pytest.mark.parametrize("environ, refused", [
+    ({}, False),
+    ({"HTTPS_PROXY": "http://proxy:3128"}, False),                       # gRPC reads lower-case names only
+    ({"https_proxy": "http://proxy:3128"}, True),
+    ({"https_proxy": "http://proxy:3128", "NO_PROXY": "10.0.0.1"}, True),  # ... here too: measured
+    ({"https_proxy": "http://proxy:3128", "no_proxy": "10.0.0.1,localhost"}, False),
+    ({"grpc_proxy": "http://proxy:3128", "no_proxy": "10.0.0.0/8"}, False),
+    ({"http_proxy": "http://proxy:3128", "no_proxy": "*"}, False),
+    ({"https_proxy": "http://proxy:3128", "no_grpc_proxy": "other", "no_proxy": "10.0.0.1"}, True),  # the first set wins
+])
+def test_a_proxy_that_would_carry_the_coordinator_connection_is_refused(environ, refused, monkeypatch):
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **_: pytest.fail("initialized despite the proxy"))
+    cfg = section(initialize="always", coordinator_address="10.0.0.1:1234", num_processes=2, process_id=0)
+    if refused:
+        with pytest.raises(EntityClipError, match=r"does not list the coordinator host 10.0.0.1: gRPC would send"):
+            distributed.initialize(cfg, environ)
+    else:
+        assert distributed.proxy_problem("10.0.0.1:1234", environ) is None

@@ -145,7 +145,7 @@ def test_two_processes_match_one_process_stop_together_on_sigterm_and_resume(rec
         process.send_signal(signal.SIGTERM)
     stopped = []
     for code, stdout, stderr in finish(processes):
-        assert code == 0, stderr[-3000:]
+        assert code == 75, stderr[-3000:]  # stopped early, saved: rerun to resume
         stopped += [int(s) for s in re.findall(r"SIGTERM \(preemption\): stopped at step (\d+)", stdout)]
     assert len(stopped) == PROCESSES and len(set(stopped)) == 1, stopped
     step = stopped[0]
@@ -188,3 +188,18 @@ def test_a_killed_process_ends_the_others_with_an_error(records, tmp_path, compi
     assert code != 0 and "JAX distributed service detected fatal errors" in stderr, stderr[-3000:]
     processes[1].wait()
     print(f"kill -9: the other process ended {time.time() - killed:.1f} s later; test {time.time() - began:.1f} s")
+
+
+def test_ctrl_c_on_one_process_stops_both_at_one_step_with_status_75(records, tmp_path, compilation_cache):
+    """Ctrl-C reaches the process it was typed at: that one hands it to XLA's preemption notifier as a
+    SIGTERM to itself, so the other process stops at the same step and both save it."""
+    workdir = tmp_path / "run"
+    processes = start(workdir, settings(records), free_port(), compilation_cache)
+    wait_for(workdir / "checkpoints" / "4" / "_CHECKPOINT_METADATA", processes)
+    processes[0].send_signal(signal.SIGINT)
+    outputs = finish(processes)
+    for code, _, stderr in outputs:
+        assert code == 75 and "Traceback" not in stderr, stderr[-3000:]
+    reasons = [re.search(r"process \d: (.*): stopped at step (\d+)", stdout).groups() for _, stdout, _ in outputs]
+    assert reasons[0][0] == "SIGINT (Ctrl-C)" and reasons[1][0] == "SIGTERM (preemption)", reasons
+    assert reasons[0][1] == reasons[1][1] and (workdir / "checkpoints" / reasons[0][1]).is_dir(), reasons

@@ -18,16 +18,21 @@ coordination service notices its missing heartbeats after
 distributed.heartbeat_timeout_seconds and terminates every process with an
 error ("the JAX distributed service detected fatal errors").
 
-Preemption notices arrive as SIGTERM. With one process a Python handler
-remembers the signal. With several, jax.distributed.initialize has installed
-XLA's preemption notifier: it owns SIGTERM (a Python handler would silence it)
+Preemption notices arrive as SIGTERM; Ctrl-C (SIGINT) stops a run the same way: the loop
+saves at the next step, says so in one line and exits with status 75 (errors.py: stopped
+early, rerun to resume). A second Ctrl-C raises KeyboardInterrupt at once (status 130). With
+one process Python handlers remember the signal. With several, jax.distributed.initialize
+has installed XLA's preemption notifier: it owns SIGTERM (a Python handler would silence it)
 and the preemption sync manager picks the one step at which every process stops
-(reached_preemption_sync_point, asked at every step).
+(reached_preemption_sync_point, asked at every step); a Ctrl-C on any process is handed to it
+as a SIGTERM to that process.
 """
 import importlib.util
+import ipaddress
 import logging
 import os
 import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -87,6 +92,31 @@ def initialize_args(cfg, environ, tpu_host):
     return None
 
 
+def proxy_problem(coordinator_address, environ):
+    """Why gRPC would send the connection to the coordinator through a proxy, or None.
+
+    jax.distributed talks gRPC, whose C core takes its proxy from grpc_proxy, https_proxy or
+    http_proxy (the first set; lower-case names only) and skips it for the hosts that
+    no_grpc_proxy or no_proxy lists (the first set): a name or a suffix of it, an IP range
+    (a.b.c.d/n) or *. A proxy cannot forward it: the processes abort after a timeout."""
+    proxy_variable = next((name for name in ("grpc_proxy", "https_proxy", "http_proxy") if environ.get(name)), None)
+    if proxy_variable is None:
+        return None
+    host = coordinator_address.rsplit(":", 1)[0].strip("[]")
+    exceptions_variable = next((name for name in ("no_grpc_proxy", "no_proxy") if environ.get(name)), "no_proxy")
+    for entry in filter(None, (e.strip().lower() for e in environ.get(exceptions_variable, "").split(","))):
+        if entry == "*" or host.lower() == entry.lstrip(".") or host.lower().endswith("." + entry.lstrip(".")):
+            return None
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return None
+        except ValueError:
+            continue
+    return (f"{proxy_variable} is set and {exceptions_variable} does not list the coordinator host {host}: gRPC would "
+            f"send jax.distributed's connection through the proxy, and every process would abort. Add it, e.g. "
+            f"export {exceptions_variable}={host},localhost (gRPC reads the lower-case names)")
+
+
 def initialize(cfg, environ):
     """Starts JAX's distributed system when config.distributed says so (see the module docstring)."""
     if jax.distributed.is_initialized():
@@ -94,6 +124,10 @@ def initialize(cfg, environ):
     kwargs = initialize_args(cfg, environ, _tpu_host())
     if kwargs is None:
         return
+    coordinator = kwargs.get("coordinator_address") or environ.get("JAX_COORDINATOR_ADDRESS")
+    problem = proxy_problem(coordinator, environ) if coordinator else None
+    if problem:
+        raise EntityClipError(problem)
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError as err:  # JAX found no cluster and was given no coordinator
@@ -104,27 +138,47 @@ def initialize(cfg, environ):
 
 
 class Preemption:
-    """Tells the loop, step by step, whether to save and stop (every process at the same step)."""
+    """Tells the loop, step by step, whether to save and stop (every process at the same step):
+    after SIGTERM (a preemption notice, `kill`) or a first Ctrl-C; `reason` names what asked."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = None
+        self.reason = None
+        self.previous = {}
         self.synced = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
         if jax.process_count() == 1:
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._terminate)
         elif not self.synced:
             log.warning("jax_enable_preemption_service is off: SIGTERM ends the processes without a checkpoint; "
                         "a rerun resumes from the last periodic one")
+        # Always, like explain: a shell hands a background job SIGINT ignored.
+        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
-    def _handle(self, *_):
-        self.requested = True
+    def _terminate(self, *_):
+        self.reason = self.reason or "SIGTERM (preemption)"
+
+    def _interrupt(self, *_):
+        self.reason = self.reason or "SIGINT (Ctrl-C)"
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        # one write: a second Ctrl-C may land in the middle of print's two
+        sys.stdout.write("Ctrl-C: saving at the next step, then stopping (Ctrl-C again aborts without saving)\n")
+        sys.stdout.flush()
+        if self.synced:  # XLA's notifier brings every process to one step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def requested(self):
+        return self.reason is not None
 
     def should_stop(self, step):
         """Asked once per step, with the step number, by every process."""
         if self.synced:
-            return multihost_utils.reached_preemption_sync_point(int(step))
+            stop = multihost_utils.reached_preemption_sync_point(int(step))
+            if stop and self.reason is None:
+                self.reason = "SIGTERM (preemption)"
+            return stop
         return self.requested
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)

@@ -18,8 +18,9 @@ the log step's.
 
 Stops with a clear message when a loss turns NaN/Inf (caught at most
 log.every_steps late, and always before a save, so the last good checkpoint
-stays the latest), and saves before exiting on SIGTERM (TPU preemption; with
-several processes all stop at the same step: train/distributed.py).
+stays the latest), and saves before exiting on SIGTERM (TPU preemption) or
+Ctrl-C (with several processes all stop at the same step: train/distributed.py).
+One run owns a workdir at a time (train/lease.py).
 """
 import logging
 import os
@@ -36,7 +37,7 @@ from entityclip_jax.config import check_devices, model_from_config, validate_con
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import chips, distributed, input_stream, optimizer, profiling, setup
+from entityclip_jax.train import chips, distributed, input_stream, lease, optimizer, profiling, setup
 from entityclip_jax.train.state import create_train_state
 from entityclip_jax.train.validation import Validator
 
@@ -159,16 +160,22 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, dat
 def train(config, workdir, allow_config_change=False):
     """Trains (or resumes) the run in `workdir`; returns a summary dict of the last metrics.
     Resuming with a config that changes the run's meaning needs allow_config_change.
-    Every check that can fail runs before anything is written."""
+    Every check that can fail runs before anything is written. A second trainer on a live
+    workdir is refused (train/lease.py); summary["stopped"] names a signal that stopped the run."""
     validate_config(config)
     distributed.initialize(config.distributed, os.environ)  # before JAX's backend starts (device count)
     check_devices(config, jax.device_count())
     workdir = storage.absolute(workdir)
-    mesh = make_mesh(config.mesh)
     steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
     optimizer.learning_rate_schedule(config.optimizer, total_steps)  # refuses a warmup as long as the run, now
     data_checked = _check_data_fits(config, workdir)
+    with lease.held(workdir) as workdir_lease:  # after the checks that only read, before anything is written
+        return _train(config, workdir, workdir_lease, steps_in_epoch, total_steps, data_checked, allow_config_change)
+
+
+def _train(config, workdir, workdir_lease, steps_in_epoch, total_steps, data_checked, allow_config_change):
+    mesh = make_mesh(config.mesh)
     checkpointer = run_format.Checkpointer(workdir, config.checkpoint)
     program, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, data_checked,
                                   allow_config_change)
@@ -234,13 +241,14 @@ def train(config, workdir, allow_config_change=False):
                     print(f"step {step} validation: " + " ".join(f"{k[4:]} {v:.4f}" for k, v in val_metrics.items()),
                           flush=True)
             if save_now:
+                workdir_lease.check()  # a run that lost its workdir to another writes nothing more
                 metrics_log.lines.flush()  # on gs:// the lines up to a checkpoint are stored with it
                 checkpointer.save(step, state, input_stream.position(step, steps_in_epoch, config), val_metrics)
             if preempted:
                 checkpointer.wait()
-                print(f"process {jax.process_index()}: SIGTERM (preemption): stopped at step {step} and saved it "
+                print(f"process {jax.process_index()}: {preemption.reason}: stopped at step {step} and saved it "
                       f"in {checkpointer.directory}; rerun the same command to resume", flush=True)
-                summary["preempted"] = True
+                summary.update(preempted=True, stopped=preemption.reason)
                 break
         checkpointer.wait()
         summary["best_step"] = checkpointer.best_step()
