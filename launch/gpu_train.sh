@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train EntityCLIP on one GPU. Rerunning the same command after an interruption
-# resumes from the latest checkpoint in WORKDIR.
+# resumes from the latest checkpoint in WORKDIR. Exits with training's status:
+# 0 done, 75 stopped early and saved (SIGTERM, Ctrl-C: rerun to resume, e.g. a
+# scheduler's requeue), anything else an error.
 #
 # Usage: [CONFIG=...] [WORKDIR=...] launch/gpu_train.sh [--dry-run]
 set -euo pipefail
@@ -33,5 +35,12 @@ JAX_VERSION="${JAX_VERSION:-0.10.2}"
 
 install_gpu_venv "$VENV"
 read -r -a extra <<< "$TRAIN_ARGS"
-run "$VENV/bin/entityclip" train --config "$CONFIG" --workdir "$WORKDIR" "${extra[@]}"
-say "checkpoints in $WORKDIR"
+STOPPED_EARLY=75  # entityclip's "stopped early, everything saved: rerun to resume" (README, "Exit statuses")
+status=0
+run "$VENV/bin/entityclip" train --config "$CONFIG" --workdir "$WORKDIR" "${extra[@]}" || status=$?
+case "$status" in
+  0) say "training finished; checkpoints in $WORKDIR" ;;
+  "$STOPPED_EARLY") say "training stopped early and saved in $WORKDIR (exit status $STOPPED_EARLY): rerun this script to resume" ;;
+  *) say "training failed (exit status $status); its message is above" ;;
+esac
+exit "$status"

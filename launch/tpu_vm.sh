@@ -6,7 +6,9 @@
 # reuses it), installs this project with jax[tpu] on every worker, and runs `entityclip train` on all workers at once with the workdir on
 # a GCS bucket. When the VM is preempted (spot/preemptible TPUs), it deletes and
 # re-creates it, reinstalls and runs the same command again: training resumes
-# from the latest Orbax checkpoint in the workdir.
+# from the latest Orbax checkpoint in the workdir. When training exits with
+# status 75 (stopped early and saved: SIGTERM, a preemption notice) on a VM that
+# is still READY, it runs the same command again on it.
 #
 # Usage: BUCKET=gs://my-bucket [VAR=value ...] launch/tpu_vm.sh [--dry-run]
 set -euo pipefail
@@ -180,20 +182,30 @@ plan_first() {
   esac
 }
 
+# entityclip's exit statuses (README, "Exit statuses"): 0 done; 75 stopped early with everything
+# saved (SIGTERM, a preemption notice, Ctrl-C): rerun to resume; anything else is an error.
+STOPPED_EARLY=75
 restarts=0
 plan_first
 ensure_vm
 install_project
-until train_on_all_workers; do
+while true; do
+  status=0
+  train_on_all_workers || status=$?
+  [[ "$status" == 0 ]] && break
   state="$(tpu_state)"
-  if [[ "$state" == READY ]]; then
-    die "training failed on a healthy VM (state READY), so this is not a preemption; read ~/train.log on the workers: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -50 ~/train.log'"
+  if [[ "$state" == READY && "$status" != "$STOPPED_EARLY" ]]; then
+    die "training failed (exit status $status) on a healthy VM (state READY), so this is not a preemption; read ~/train.log on the workers: gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -50 ~/train.log'"
   fi
   restarts=$((restarts + 1))
-  (( restarts <= MAX_RESTARTS )) || die "gave up after $MAX_RESTARTS re-creations; the checkpoints are in $WORKDIR"
-  say "training stopped with the VM in state $state: re-creating it (restart $restarts of $MAX_RESTARTS)"
-  ensure_vm
-  install_project
+  (( restarts <= MAX_RESTARTS )) || die "gave up after $MAX_RESTARTS restarts; the checkpoints are in $WORKDIR"
+  if [[ "$state" == READY ]]; then  # stopped early and saved (a maintenance notice, a kill): the VM is fine
+    say "training stopped early and saved (exit status $STOPPED_EARLY): resuming on the same VM (restart $restarts of $MAX_RESTARTS)"
+  else
+    say "training stopped with the VM in state $state: re-creating it (restart $restarts of $MAX_RESTARTS)"
+    ensure_vm
+    install_project
+  fi
 done
 say "training finished; checkpoints in $WORKDIR"
 if [[ "$DELETE_WHEN_DONE" == 1 ]]; then delete_vm; fi

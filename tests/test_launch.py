@@ -119,7 +119,8 @@ def test_gpu_train_dry_run_without_install():
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 # Records every call; the VM's state lives in a file. The first training run is
-# "preempted": it fails and leaves the VM PREEMPTED. Later ones succeed.
+# "preempted": it fails and leaves the VM PREEMPTED. Later ones succeed. With
+# FAKE_STOPS_EARLY=1 the first one instead exits 75 (stopped early and saved) on a READY VM.
 echo "$*" >> "$FAKE_DIR/calls"
 state_file="$FAKE_DIR/state"
 case "$4" in
@@ -129,6 +130,9 @@ case "$4" in
   scp) ;;
   ssh)
     if [[ "$*" == *"entityclip train"* ]]; then
+      if [[ "${FAKE_STOPS_EARLY:-0}" == 1 && ! -f "$FAKE_DIR/stopped_once" ]]; then
+        touch "$FAKE_DIR/stopped_once" "$FAKE_DIR/preempted_once"; exit 75
+      fi
       if [[ ! -f "$FAKE_DIR/preempted_once" ]]; then
         touch "$FAKE_DIR/preempted_once"; echo PREEMPTED > "$state_file"; exit 255
       fi
@@ -208,3 +212,28 @@ def test_tpu_vm_stops_when_training_fails_on_a_healthy_vm(tmp_path):
     result = launch("tpu_vm.sh", env=env, path=fake_gcloud(tmp_path))
     assert result.returncode == 1 and "not a preemption" in result.stderr
     assert "delete" not in (tmp_path / "calls").read_text()
+
+
+def test_tpu_vm_resumes_on_the_same_vm_after_exit_status_75(tmp_path):
+    """75: the run was stopped early and saved everything (SIGTERM on a VM that stays READY): run it again."""
+    env = {**TPU_ENV, "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "POLL_SECONDS": "0",
+           "FAKE_STOPS_EARLY": "1"}
+    result = launch("tpu_vm.sh", env=env, path=fake_gcloud(tmp_path))
+    assert result.returncode == 0, result.stderr
+    calls = [line.split()[3] + (" train" if "entityclip train" in line else "")
+             for line in (tmp_path / "calls").read_text().splitlines()]
+    assert calls == ["describe", "create", "describe", "scp", "ssh", "ssh train",  # stopped early (75)
+                     "describe",                                                 # still READY
+                     "ssh train"]                                                # resumed, nothing re-created
+    assert "stopped early and saved (exit status 75): resuming on the same VM" in result.stderr
+
+
+@pytest.mark.parametrize("status, says", [(0, "training finished"), (75, "rerun this script to resume"),
+                                          (2, "training failed (exit status 2)")])
+def test_gpu_train_passes_on_the_exit_status_of_training(tmp_path, status, says):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "entityclip").write_text(f"#!/usr/bin/env bash\nexit {status}\n")
+    (venv / "bin" / "entityclip").chmod(0o755)
+    result = launch("gpu_train.sh", env={"INSTALL": "0", "VENV": str(venv), "WORKDIR": str(tmp_path / "run")})
+    assert result.returncode == status and says in result.stderr, result.stderr

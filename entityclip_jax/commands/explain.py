@@ -7,7 +7,7 @@ import sys
 from entityclip_jax import storage
 from entityclip_jax.data.example import SkipReport
 from entityclip_jax.data.sources import SOURCES, read_source
-from entityclip_jax.errors import EntityClipError
+from entityclip_jax.errors import EXIT_DONE, EXIT_SOME_FAILED, EXIT_STOPPED_EARLY, EntityClipError
 from entityclip_jax.explain.backends.openai_http import OpenAIHTTPBackend
 from entityclip_jax.explain.backends.transformers_lm import TransformersBackend
 from entityclip_jax.explain.prompts import load_prompt
@@ -116,11 +116,13 @@ def _backend(args):
 
 
 def run_explain(args):
+    """Exit status 0: the cache is complete; 1: some queries failed (a rerun retries them);
+    75: stopped early (Ctrl-C, SIGTERM, the backend failing again and again), rerun to resume."""
     try:
         return _explain(args)
     except KeyboardInterrupt:   # before or after generation: nothing unsynced was written
         print("entityclip explain: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_STOPPED_EARLY
 
 
 def _explain(args):
@@ -148,9 +150,9 @@ def _explain(args):
         with storage.open(args.summary_json, "w") as f:
             json.dump({**summary.to_dict(), "prompt_version": prompt.version, "model": backend.model,
                        "input": report.to_dict()}, f, indent=2)
-    if summary.stopped == "interrupted":
-        return 130
-    return 0 if summary.complete else 1
+    if summary.stopped:
+        return EXIT_STOPPED_EARLY
+    return EXIT_DONE if summary.complete else EXIT_SOME_FAILED
 
 
 def run_explain_import(args):

@@ -78,9 +78,14 @@ def _plan(queries, summary, report):
     ids_by_query, query_of = {}, {}
     for record_id, query in queries:
         record_id = str(record_id)
-        if not isinstance(query, str) or not query.strip():
+        if query is None or (isinstance(query, str) and not query.strip()):
             summary.skipped_input["empty_query"] += 1
             report and report.skip(record_id, "empty_query: the query text is empty")
+            continue
+        if not isinstance(query, str):  # a number, a list ...: say so, it is not empty
+            summary.skipped_input["not_text"] += 1
+            report and report.skip(record_id, f"not_text: the query is {type(query).__name__} {str(query)[:40]!r}, "
+                                              "not a string; quote it in the input file")
             continue
         if record_id in query_of:
             if query_of[record_id] != query:
