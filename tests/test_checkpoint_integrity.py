@@ -68,24 +68,26 @@ def run(saved, tmp_path):
     return copy, config, states
 
 
-def largest_value(workdir, step):
-    """(data file, offset, length) of the step's largest stored array chunk, read from the OCDBT
-    b-tree with TensorStore itself (the data files also hold bytes no key refers to)."""
+def largest_value(workdir, step, key=""):
+    """(data file, offset, length) of the step's largest stored array chunk (of the arrays whose
+    name holds `key`, e.g. "params.clip"), read from the OCDBT b-tree with TensorStore itself (the
+    data files also hold bytes no key refers to)."""
     state = workdir / "checkpoints" / str(step) / "state"
     base = ts.KvStore.open(f"file://{state}/").result()
     root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
     values = []
     for entry in ts.ocdbt.dump(base, root).result()["entries"]:
-        if "indirect_value" in entry:  # value:<process dir>:<file>:<offset>:<length>
+        if "indirect_value" in entry and key in str(entry.get("key")):  # value:<process dir>:<file>:<offset>:<length>
             _, directory, name, offset, length = entry["indirect_value"].split(":")
             values.append((str(state / directory / name), int(offset), int(length)))
     return max(values, key=lambda value: value[2])
 
 
-def flip(workdir, step, where=0.5, count=1, mask=1):
-    """XORs `count` bytes of the step's largest stored chunk with `mask`, from `where` (a fraction of it)
-    on; the default flips one low bit mid-chunk: the float stays finite and near its value."""
-    path, offset, length = largest_value(workdir, step)
+def flip(workdir, step, where=0.5, count=1, mask=1, key=""):
+    """XORs `count` bytes of the step's largest stored chunk (of arrays named with `key`) with `mask`, from
+    `where` (a fraction of it) on; the default flips one low bit mid-chunk: the float stays finite and near
+    its value."""
+    path, offset, length = largest_value(workdir, step, key)
     data = bytearray(open(path, "rb").read())
     start = offset + min(int(length * where), length - count)
     for i in range(start, start + count):

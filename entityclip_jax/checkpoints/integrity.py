@@ -11,6 +11,9 @@ pattern and w_i an odd weight derived from its position: an integer sum is exact
 so every mesh (or one CPU) that holds the array computes the same number, and a flipped bit
 (w_i odd) or two swapped elements always change it.
 """
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,12 +95,53 @@ def check_values(tree, where):
             raise DamagedCheckpoint(f"{where}: {name} holds |x| = {peak:.3g} (> {MAX_ABS:.0e})")
 
 
+_TENSORSTORE_NOTES = re.compile(r"\s*\[(?:source locations|tensorstore_spec)='.*?'\](?=\s*\[|\s*$)")
+
+
 def describe_failure(err):
-    """One line for why reading a step failed: the innermost cause's type and first line."""
+    """One line for why reading (or writing) a step failed: the innermost cause's type and first
+    line, its middle cut when long (TensorStore puts the OS's reason, "No space left on device",
+    at the end)."""
     causes = []
     while err is not None and len(causes) < 20:
         causes.append(err)
         err = err.__cause__ or err.__context__
     root = causes[-1]
     text = str(root).strip().splitlines()
-    return f"{type(root).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+    line = _TENSORSTORE_NOTES.sub("", text[0]) if text else ""  # where in its C++ and the whole spec: noise here
+    if len(line) > 300:
+        line = f"{line[:120]} ... {line[-170:]}"
+    return f"{type(root).__name__}: {line}".rstrip(": ")
+
+
+def _orphaned_callback(unraisable):
+    """True for the RuntimeError a TensorStore read or write raises when it completes after the event
+    loop it was started on is closed: Orbax runs a restore (or save) on a loop of its own and closes it
+    as soon as one read (or write) fails, while the step's others are still in flight."""
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    frame = unraisable.exc_traceback
+    while frame is not None:
+        if frame.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        frame = frame.tb_next
+    return False
+
+
+_previous_unraisablehook = None
+
+
+def ignore_orphaned_callbacks():
+    """Called before this package reads or writes steps: the reads and writes a failed one leaves in
+    flight end without a word. Each would otherwise print an 'Event loop is closed' traceback (through
+    sys.unraisablehook, the public hook for errors nobody can catch) around the one-line report of the
+    failure; every other error still reaches the hook that was there before. Installed once per process."""
+    global _previous_unraisablehook
+    if _previous_unraisablehook is not None:
+        return
+    _previous_unraisablehook = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orphaned_callback(unraisable):
+            _previous_unraisablehook(unraisable)
+    sys.unraisablehook = hook

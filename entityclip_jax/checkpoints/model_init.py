@@ -1,8 +1,9 @@
 """What a training run starts from: config.model.init turned into a model and its parameters.
 
 "random:PRESET" gives an architecture to initialise randomly (the text tower fitted to
-the records' tokenizer by model.vocab_size / model.eos_token_id); anything else is a
-checkpoint towers.py opens, with its heads in EntityCLIP mode when it brings them.
+the records' tokenizer by model.vocab_size / model.eos_token_id / model.bos_token_id);
+anything else is a checkpoint towers.py opens, with its heads in EntityCLIP mode when it
+brings them.
 """
 import dataclasses
 
@@ -15,7 +16,7 @@ from entityclip_jax.models.clip import init_params
 from entityclip_jax.models.clip_config import PRESETS
 from entityclip_jax.models.heads import init_heads
 
-RANDOM_TOWER_OVERRIDES = ("vocab_size", "eos_token_id")
+RANDOM_TOWER_OVERRIDES = ("vocab_size", "eos_token_id", "bos_token_id")
 
 
 def describe_init(init):
@@ -30,14 +31,18 @@ def describe_init(init):
 
 def _random_architecture(config, name):
     overrides = {k: config.model[k] for k in RANDOM_TOWER_OVERRIDES if config.model.get(k) is not None}
+    if overrides.get("eos_token_id", 0) >= 1 and "bos_token_id" not in overrides:
+        # CLIP's tokenizers (OpenAI's BPE, those `entityclip tokenizer` writes) put <|startoftext|> just
+        # before <|endoftext|>; a new run checks it against its records (run_tokenizer.check_training_data).
+        overrides["bos_token_id"] = overrides["eos_token_id"] - 1
     clip = PRESETS[name]
     return dataclasses.replace(clip, text=dataclasses.replace(clip.text, **overrides))
 
 
 def _check_overrides(config):
     if any(config.model.get(k) is not None for k in RANDOM_TOWER_OVERRIDES):
-        raise EntityClipError(f"model.vocab_size / model.eos_token_id apply to random towers only; "
-                              f"{config.model.init!r} brings its own text config: drop those overrides")
+        raise EntityClipError(f"model.vocab_size / model.eos_token_id / model.bos_token_id apply to random towers "
+                              f"only; {config.model.init!r} brings its own text config: drop those overrides")
 
 
 def tower_architecture(config):

@@ -24,8 +24,6 @@ import collections
 import contextlib
 import json
 import logging
-import secrets
-import tempfile
 import time
 
 import jax
@@ -35,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from entityclip_jax import storage
 from entityclip_jax.checkpoints.integrity import (DamagedCheckpoint, check_checksums, check_values,
-                                                  describe_failure, value_checksums)
+                                                  describe_failure, ignore_orphaned_callbacks, value_checksums)
 from entityclip_jax.checkpoints.run_config import TRAIN_CONFIG, write_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.clip_config import CLIPConfig
@@ -59,18 +57,7 @@ def _all_processes_agree(ok):
 def check_writable(workdir):
     """One-line error before any step when WORKDIR or its checkpoints/ cannot be written."""
     for directory in (workdir, storage.join(workdir, CHECKPOINTS)):
-        try:
-            if storage.is_remote(directory):  # no directories there: write and delete one probe object
-                probe = storage.path(directory) / f".write-probe-{secrets.token_hex(6)}"
-                probe.write_text("")
-                probe.unlink()
-                continue
-            storage.path(directory).mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=directory):
-                pass
-        except OSError as err:
-            raise EntityClipError(f"cannot write to {directory} ({err.strerror or err}); give a --workdir "
-                                  "you can write to, or fix its permissions") from None
+        storage.check_writable(directory, "give a --workdir you can write to, or fix its permissions")
 
 
 def write_run_files(workdir, clip_config, config):
@@ -97,6 +84,8 @@ def read_towers_config(directory):
                               "or a towers directory")
     try:
         return CLIPConfig.from_dict(json.loads(storage.path(path).read_text()))
+    except EntityClipError as err:  # readable, but no architecture the towers can have
+        raise EntityClipError(f"{path}: {err}") from None
     except (ValueError, KeyError, TypeError) as err:
         raise EntityClipError(f"{path} is damaged ({type(err).__name__}: {err}); restore it from a copy of "
                               "the run, or start a new --workdir") from None
@@ -118,6 +107,18 @@ def check_compatible(saved_params, expected_params, where):
         raise EntityClipError(
             f"checkpoint {where} does not fit this config; parameters that differ: {'; '.join(differences[:5])}"
             f"{more}. Train in a new --workdir or use the config the checkpoint was trained with")
+
+
+class _OrbaxThreadErrors(logging.Filter):
+    """Orbax logs a save that failed in one of its threads (a full disk, a lost bucket) with the
+    traceback, then raises the same error to the caller, where Checkpointer.save / wait says it in
+    one line: the log record goes."""
+
+    def filter(self, record):
+        return not (record.exc_info and record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_OrbaxThreadErrors())
 
 
 def _handlers():
@@ -150,6 +151,7 @@ class Checkpointer:
             best_fn=get_metric if best_metric else None, best_mode=cfg.best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.best_metric = best_metric
+        ignore_orphaned_callbacks()  # a failed save or restore leaves TensorStore callbacks in flight
         self.workdir = storage.absolute(workdir)
         check_writable(self.workdir)
         self.directory = storage.join(self.workdir, CHECKPOINTS)
@@ -167,9 +169,12 @@ class Checkpointer:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
         tracked = metrics if self.best_metric and self.best_metric in metrics else None
         integrity = {"version": INTEGRITY_VERSION, "checksums": value_checksums(state)}
-        self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position),
-            integrity=ocp.args.JsonSave(integrity)), metrics=tracked, force=True)
+        try:
+            self.manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_position),
+                integrity=ocp.args.JsonSave(integrity)), metrics=tracked, force=True)
+        except Exception as err:  # noqa: BLE001 -- a full disk, a lost bucket: whatever the storage says
+            raise self._failed_save(err, f"step {step}") from None
 
     def restore(self, abstract_state, step=None):
         """(state, data position) of `step` (default: latest) laid out as abstract_state's shardings.
@@ -239,7 +244,18 @@ class Checkpointer:
         return target
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Until the saves in flight are written; one line (EntityClipError) when one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 -- as in save: an asynchronous save fails here
+            raise self._failed_save(err, "a step") from None
+
+    def _failed_save(self, err, what):
+        latest = self.manager.latest_step()
+        return EntityClipError(
+            f"cannot save {what} to {self.directory} ({describe_failure(err)}); free space there or fix the "
+            f"storage, then rerun the same command: it resumes from "
+            f"{'step ' + str(latest) if latest is not None else 'the start'}, the last step saved whole")
 
     def close(self):
         self.manager.close()
@@ -285,6 +301,7 @@ def restore_subtree(step_dir, subtree):
     DamagedCheckpoint if anything about it cannot be read, or its values are not those saved."""
     if not storage.path(step_dir).joinpath("state").is_dir():
         raise DamagedCheckpoint(f"{step_dir}: its state/ is missing")
+    ignore_orphaned_callbacks()  # a failed read leaves TensorStore callbacks in flight
     try:
         with _quiet_absl():  # the step's own metadata file is the manager's, not this checkpointer's
             restored = _restore_host_arrays(storage.join(step_dir, "state"), subtree)

@@ -60,13 +60,26 @@ def write_config(workdir, config, step):
         storage.write_text_atomic(path, text)
 
 
+def _read_saved(workdir, path):
+    """The config a run was trained with; one line naming what to do when it is missing or damaged."""
+    history = storage.join(workdir, HISTORY)
+    if not storage.path(path).is_file():
+        raise EntityClipError(f"{path} is missing, but {workdir} holds checkpoints: copy the latest "
+                              f"{history}/train_config.<step>.json there, or start a new --workdir")
+    try:
+        return dict(json.loads(storage.path(path).read_text()))
+    except (ValueError, TypeError) as err:
+        raise EntityClipError(f"{path} is damaged ({err}); copy the latest {history}/train_config.<step>.json over "
+                              "it, or start a new --workdir") from None
+
+
 def accept_resume_config(workdir, config, step, allow_change=False):
     """Compares `config` with the run's train_config.json when resuming at `step`.
 
     Refuses meaningful differences unless allow_change; logs each accepted one
     and records the new config (history + train_config.json)."""
     path = storage.join(workdir, TRAIN_CONFIG)
-    saved = json.loads(storage.path(path).read_text())
+    saved = _read_saved(workdir, path)
     changes = differences(saved, json.loads(config.to_json()))
     meaningful = [change for change in changes if not is_harmless(change[0])]
     if meaningful and not allow_change:

@@ -15,6 +15,7 @@ import numpy as np
 
 from entityclip_jax import storage
 from entityclip_jax.checkpoints.towers import run_directory
+from entityclip_jax.config import random_preset
 from entityclip_jax.data import pipeline, records
 from entityclip_jax.errors import EntityClipError
 
@@ -57,7 +58,13 @@ def run_tokenizer(data_dir, text_config):
 
 def _recorded(directory):
     path = storage.path(directory) / RUN_TOKENIZER
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise EntityClipError(f"{path} is damaged ({err}); it records the tokenizer the run trained on: restore "
+                              "it from a copy of the run (or an export of it), or delete it to skip that check") from None
 
 
 def check_same_tokenizer(recorded, data_dir, where):
@@ -72,12 +79,26 @@ def check_same_tokenizer(recorded, data_dir, where):
 
 
 def check_training_data(workdir, config, text_config):
-    """Before anything is written: the records fit the model and, on resume, are those the run trained on."""
+    """Before anything is written: the records fit the model and, on resume, are those the run trained on;
+    a new run from random towers also starts its texts with the towers' BOS id (which an export names)."""
     splits = [config.data.train_split] + ([config.data.val_split] if config.eval.every_steps != 0 else [])
     check_records_fit_model(config.data.dir, splits, text_config)
     recorded = _recorded(workdir)
     if recorded is not None:
         check_same_tokenizer(recorded, config.data.dir, workdir)
+    elif random_preset(config.model.init) is not None:
+        _check_bos(config.data.dir, config.data.train_split, text_config)
+
+
+def _check_bos(data_dir, split, text_config):
+    ids = pipeline.first_token_ids(data_dir, split, PROBE_EXAMPLES)
+    starts = {int(row[0]) for row in ids if row.any()}
+    if starts and starts != {text_config.bos_token_id}:
+        found = sorted(starts)[0]
+        raise EntityClipError(
+            f"the {split!r} split of {data_dir} starts its texts with token id {found}, the random towers' BOS id "
+            f"is {text_config.bos_token_id}: set --config.model.bos_token_id={found} (the tokenizer's "
+            "<|startoftext|>) so that an export names it")
 
 
 def record_run_tokenizer(workdir, config, text_config):

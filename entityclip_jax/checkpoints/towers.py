@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from entityclip_jax import storage
 from entityclip_jax.checkpoints import run as run_format
-from entityclip_jax.checkpoints.integrity import DamagedCheckpoint, describe_failure
+from entityclip_jax.checkpoints.integrity import DamagedCheckpoint, describe_failure, ignore_orphaned_callbacks
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
 from entityclip_jax.models.clip_config import CLIPConfig
@@ -83,6 +83,8 @@ def read_architecture(spec):
         return CLIPConfig.from_hf(json.loads(storage.path(path).joinpath(HF_CONFIG).read_text()))
     except ValueError as err:
         raise EntityClipError(f"{path}/{HF_CONFIG} is not valid JSON ({err}); download the checkpoint again") from None
+    except EntityClipError as err:
+        raise EntityClipError(f"{path}/{HF_CONFIG}: {err}") from None
 
 
 def run_directory(spec):
@@ -117,6 +119,7 @@ def _open(spec, with_heads, heads=None):
         return _read_run(storage.absolute(path), kind, with_heads, heads)
     if kind == TOWERS:
         config = run_format.read_towers_config(path)
+        ignore_orphaned_callbacks()  # a failed read leaves TensorStore callbacks in flight
         try:
             towers = ocp.StandardCheckpointer().restore(storage.join(storage.absolute(path), "params"))
         except Exception as err:  # noqa: BLE001 -- whatever fails, the parameters cannot be read
@@ -179,8 +182,13 @@ def save_towers(params, config, out_dir):
     if storage.path(out_dir).joinpath("params").exists():
         raise EntityClipError(f"{out_dir} already holds params; choose a new directory")
     storage.path(out_dir).mkdir(parents=True, exist_ok=True)
+    ignore_orphaned_callbacks()  # a failed write leaves TensorStore callbacks in flight
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(storage.join(out_dir, "params"), params)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(storage.join(out_dir, "params"), params)
+        checkpointer.wait_until_finished()
+    except Exception as err:  # noqa: BLE001 -- a full disk, a lost bucket: whatever the storage says
+        raise EntityClipError(f"cannot write the towers to {out_dir} ({describe_failure(err)}); free space there "
+                              "or choose another directory, and rerun") from None
     storage.write_json_atomic(storage.join(out_dir, run_format.TOWERS_CONFIG), config.to_dict())
     return out_dir
