@@ -41,8 +41,12 @@ def default_config():
     c.model.dtype = "float32"          # compute dtype (bfloat16 on TPU/GPU); params and losses stay fp32
     c.model.remat = False              # rematerialise tower layers to save activation memory
     # Random towers only: the text tower must match the tokenizer the records were written with.
+    # Unset, all three are OpenAI's (49408, 49407, 49406); bos_token_id unset with eos_token_id set
+    # is eos_token_id - 1, as in CLIP's tokenizers. A new run checks the BOS against the records'
+    # first ids; it goes into an export's config.json.
     c.model.vocab_size = placeholder(int)
     c.model.eos_token_id = placeholder(int)
+    c.model.bos_token_id = placeholder(int)
 
     c.heads = ml_collections.ConfigDict()  # HeadsConfig (models/heads.py)
     c.heads.num_image_experts = 4           # release expert_config "444"
@@ -136,35 +140,81 @@ def load_config(spec, overrides=()):
     if not storage.path(path).is_file():
         raise EntityClipError(f"config file {path} does not exist; pass a file with get_config(), "
                               "e.g. --config configs/tiny_cpu.py")
-    argv = ["entityclip", f"--config={spec}", *overrides]
-    values = flags.FlagValues()
     try:
-        # sys_argv: config_flags reads the file at definition time to register the override flags.
-        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
-        values(argv)
-        return values.config
+        base = _parse(spec, ())
+    except Exception as err:  # noqa: BLE001 -- the file is the user's Python code: whatever it raises is theirs
+        raise EntityClipError(f"config file {path} cannot be loaded ({_describe_code_error(err)}); it must define "
+                              "get_config() returning a ConfigDict, as configs/tiny_cpu.py does") from None
+    if not isinstance(base, ml_collections.ConfigDict):
+        raise EntityClipError(f"config file {path}: get_config() returned a {type(base).__name__}, not a ConfigDict; "
+                              "start from entityclip_jax.config.default_config(), as configs/tiny_cpu.py does")
+    missing = sorted(_key_paths(default_config()) - _key_paths(base))
+    if missing:
+        raise EntityClipError(f"config file {path} lacks {len(missing)} knob(s) the trainer reads, e.g. "
+                              f"{', '.join(missing[:3])}; start from entityclip_jax.config.default_config(), as "
+                              "configs/tiny_cpu.py does")
+    if not overrides:
+        return base
+    try:
+        return _parse(spec, overrides)
     except flags.Error as err:
         raise EntityClipError(f"cannot load config {spec!r} with overrides {list(overrides)}: {err}") from None
     except (KeyError, AttributeError, ValueError, TypeError) as err:
-        unknown = _unknown_override(spec, overrides) if isinstance(err, (KeyError, AttributeError)) else None
+        unknown = _unknown_override(base, overrides) if isinstance(err, (KeyError, AttributeError)) else None
         if unknown:
             raise EntityClipError(unknown) from None
         raise EntityClipError(f"bad config override in {list(overrides)}: {err}; "
                               "see entityclip_jax/config.py for the knobs") from None
 
 
-def _unknown_override(spec, overrides):
-    """'unknown config key X (did you mean Y?)' for the first override naming no knob, or None."""
-    known = _key_paths(load_config(spec))
+def _parse(spec, overrides):
+    argv = ["entityclip", f"--config={spec}", *overrides]
+    values = flags.FlagValues()
+    # sys_argv: config_flags reads the file at definition time to register the override flags.
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def _describe_code_error(err):
+    if isinstance(err, SyntaxError):
+        return f"SyntaxError at line {err.lineno}: {err.msg}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+
+
+def _unknown_override(config, overrides):
+    """'unknown config key X (did you mean Y?)' for the first override naming no knob of config, or None."""
+    known = _key_paths(config)
     for override in overrides:
         key = override[len("--config."):].split("=", 1)[0]
         if key not in known and not any(k.startswith(key + ".") for k in known):
-            leaf = key.rsplit(".", 1)[-1]
-            close = (sorted((k for k in known if k.rsplit(".", 1)[-1] == leaf), key=len)
-                     or difflib.get_close_matches(key, known, n=1))
-            hint = f"did you mean --config.{close[0]}?" if close else "see entityclip_jax/config.py for the knobs"
+            close = closest_key(key, known)
+            hint = f"did you mean --config.{close}?" if close else "see entityclip_jax/config.py for the knobs"
             return f"unknown config key {key!r} in {override}; {hint}"
     return None
+
+
+def closest_key(key, known):
+    """The knob a mistyped dotted key most likely meant, or None. The last part is what was typed
+    with care: a knob of that name anywhere (the shallowest), else a close spelling of it in the
+    section named (when that section exists) or at the top level (when it does not:
+    train.bathc_size -> batch_size), and only then, for a misspelt section, a close spelling of
+    the whole path (mdoel.init -> model.init)."""
+    sections = {k.rpartition(".")[0] for k in known}
+    knobs = [k for k in known if k not in sections]
+    parent, _, leaf = key.rpartition(".")
+    same_leaf = sorted((k for k in knobs if k.rpartition(".")[2] == leaf), key=lambda k: (k.count("."), k))
+    if same_leaf:
+        return same_leaf[0]
+    section = parent if parent in known else ""
+    siblings = {k.rpartition(".")[2]: k for k in knobs if k.rpartition(".")[0] == section}
+    close = difflib.get_close_matches(leaf, siblings, n=1)
+    if close:
+        return siblings[close[0]]
+    if parent in sections:  # a section we have: a whole-path match would be only its name
+        return None
+    close = difflib.get_close_matches(key, knobs, n=1)
+    return close[0] if close else None
 
 
 def _key_paths(config, prefix=""):

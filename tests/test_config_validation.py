@@ -33,6 +33,10 @@ BAD = [
     ("--config.batch_size=12", "batch_size 12 does not split over the 8 devices"),
     ("--config.train.batch_size=8", "unknown config key 'train.batch_size' in --config.train.batch_size=8; "
                                     "did you mean --config.batch_size?"),
+    ("--config.train.bathc_size=8", "unknown config key 'train.bathc_size' in --config.train.bathc_size=8; "
+                                    "did you mean --config.batch_size?"),  # not eval.batch_size
+    ("--config.optimizer.lerning_rate=1", "did you mean --config.optimizer.learning_rate?"),
+    ("--config.mdoel.init=x", "did you mean --config.model.init?"),
     ("--config.optimizer.lr=1", "unknown config key 'optimizer.lr'"),
     ("--config.model.init=vit-b-16", "names an architecture, not weights: write --config.model.init=random:vit-b-16"),
 ]
