@@ -166,7 +166,7 @@ def test_splits_accumulate_and_must_share_the_tokenizer(tmp_path, tokenizer, tok
                             SkipReport(), workers=0, progress=False)
 
 
-def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokenizer):
+def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokenizer, capsys):
     import tensorflow_datasets as tfds
     from entityclip_jax.data.pipeline import make_dataset, numpy_batches
     root = tmp_path / "raw"
@@ -190,14 +190,17 @@ def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokeni
                    "--tokenizer", str(tokenizer_dir), "--out", str(out), "--explanations", str(cache),
                    "--workers", "0", "--examples-per-shard", "2"])
     assert rc == 0
+    summary = capsys.readouterr().out
     meta = records.read_meta(out)
     train = meta["splits"]["train"]
     assert train["num_examples"] == len(good_ids)
     assert train["skipped"]["by_reason"] == {"corrupt_image": 1, "missing_image": 1, "duplicate_id": 1}
     assert {r["id"] for r in train["skipped"]["records"]} == {"broken", "absent", "p0"}
-    # Explanations are attached before the writer checks images, so "broken" is noted too.
-    noted = {n["id"] for n in train["skipped"]["notes"]}
-    assert noted == (set(good_ids) - {"p1"}) | {"broken"}
+    # Explanations are attached before the writer checks images; a record skipped after all
+    # ("broken", the second "p0") loses its note: the notes and the summary count written records.
+    noted = sorted(n["id"] for n in train["skipped"]["notes"])
+    assert noted == sorted(set(good_ids) - {"p1"})
+    assert f"skipped 3 " in summary and f"empty explanations {len(good_ids) - 1}" in summary, summary
 
     ds = make_dataset(out, "train", batch_size=2, image_size=32, train=False, process_index=0, process_count=1)
     batches = list(numpy_batches(ds))

@@ -78,6 +78,7 @@ def source_examples(args, report):
 
 def run_write_records(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    storage.check_writable(args.out, "choose an --out you can write to, or fix its permissions")
 
     tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_style)
     report = SkipReport()

@@ -38,6 +38,16 @@ class SkipReport:
         """A record that was KEPT but handled specially; not a skip."""
         self.notes.append((str(record_id), reason))
 
+    def skip_noted(self, record_id, reason, listed_as=None):
+        """skip() for a record that may have been noted on its way (empty_explanation) and is skipped
+        after all (its image is missing, its id repeats): its latest note goes, since notes count kept
+        records. listed_as: the form the skip lists the id in, when not record_id itself."""
+        self.skip(record_id if listed_as is None else listed_as, reason)
+        for index in range(len(self.notes) - 1, -1, -1):
+            if self.notes[index][0] == str(record_id):
+                del self.notes[index]
+                return
+
     @property
     def note_counts(self):
         return collections.Counter(reason.split(":")[0] for _, reason in self.notes)

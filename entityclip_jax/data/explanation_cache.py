@@ -68,17 +68,32 @@ def read_explanations(path, *, model=None, prompt_version=None):
         raise EntityClipError(f"explanation cache {path} does not exist; "
                               "create it with `entityclip explain` or `entityclip explain-import`")
     by_id, by_query = {}, {}
-    for record in iter_records(path):
-        if record.get("status") != OK or not record.get("explanation"):
-            continue
-        if model is not None and record.get("model") != model:
-            continue
-        if prompt_version is not None and record.get("prompt_version") != prompt_version:
-            continue
-        by_id[str(record["id"])] = record["explanation"]
-        if record.get("query"):
-            by_query[record["query"]] = record["explanation"]
+    lines = records = 0
+    with storage.open(path, "rb") as f:
+        for line in f:
+            lines += bool(line.strip())
+            record = _record(line)
+            if record is None:  # a torn or corrupt line
+                continue
+            records += 1
+            _index(record, by_id, by_query, model, prompt_version)
+    if lines and not records:  # not a torn line: not a cache at all
+        raise EntityClipError(f"{path} holds no explanation-cache record (none of its {lines} lines is one); pass "
+                              "the JSONL `entityclip explain` writes, or the release's CapDsc file with --capdsc")
     return by_id, by_query
+
+
+def _index(record, by_id, by_query, model, prompt_version):
+    """Adds one cache record to the maps when it is a good explanation of the wanted model and prompt."""
+    if record.get("status") != OK or not record.get("explanation"):
+        return
+    if model is not None and record.get("model") != model:
+        return
+    if prompt_version is not None and record.get("prompt_version") != prompt_version:
+        return
+    by_id[str(record["id"])] = record["explanation"]
+    if record.get("query"):
+        by_query[record["query"]] = record["explanation"]
 
 
 def repair_torn_tail(path):

@@ -27,6 +27,7 @@ finished.
 """
 import collections
 import concurrent.futures
+import contextlib
 import datetime
 import io
 import json
@@ -195,9 +196,9 @@ def checked_examples(examples, report, *, max_side=None, jpeg_quality=90, worker
         for example in chunk:
             problem = _text_problem(example)
             if problem:  # an id that is not UTF-8 is listed in its ascii() form
-                report.skip(example.id if "id is not" not in problem else ascii(example.id), problem)
+                report.skip_noted(example.id, problem, listed_as=ascii(example.id) if "id is not" in problem else None)
             elif example.id in seen:
-                report.skip(example.id, f"duplicate_id: {example.id} seen before (first kept)")
+                report.skip_noted(example.id, f"duplicate_id: {example.id} seen before (first kept)")
             else:
                 seen.add(example.id)
                 kept.append(example)
@@ -207,7 +208,7 @@ def checked_examples(examples, report, *, max_side=None, jpeg_quality=90, worker
     for chunk, checked in _ordered_map(_check_chunk, chunks, workers, max_side, jpeg_quality):
         for example, (data, reason) in zip(chunk, checked):
             if reason:
-                report.skip(example.id, reason)
+                report.skip_noted(example.id, reason)
             else:
                 yield example, data
 
@@ -224,7 +225,10 @@ def read_meta(data_dir):
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise EntityClipError(f"{path} is not valid JSON ({err}); rewrite the dataset with write-records")
+        raise EntityClipError(f"{path} is not valid JSON ({err}); rewrite the dataset with write-records") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict):
+        raise EntityClipError(f"{path} is not an entityclip_meta.json (no splits); rewrite the dataset with "
+                              "write-records")
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise EntityClipError(f"{path} has schema version {meta.get('schema_version')}, this code reads "
                               f"version {SCHEMA_VERSION}; rewrite the records with this version's write-records")
@@ -320,11 +324,14 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
                                   f"{skipped['by_reason'] or 'the source yielded none'}); no shard was written to "
                                   f"{out_dir}. Check --root, --split and the images (`entityclip check-source` "
                                   "lists every skipped record)")
-    except BaseException:
+    except BaseException as err:
         good.close()  # stops the worker pool
-        if writer is not None:
-            writer.close()
+        with contextlib.suppress(tf.errors.OpError):  # its last flush fails too on a full disk
+            if writer is not None:
+                writer.close()
         tmp_dir.rmtree(missing_ok=True)  # partial shards are useless: a rerun starts over
+        if isinstance(err, tf.errors.OpError):  # what the disk said, through TensorFlow's writer
+            raise _cannot_write(out_dir, split, err) from None
         raise
     finally:
         bar.close()
@@ -344,6 +351,15 @@ def write_split(examples, out_dir, split, tokenizer, report, *, context_length=C
              "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "skipped": report.to_dict()}
     meta["splits"][split] = entry
-    _write_tfds_metadata(out_dir, meta)
+    try:
+        _write_tfds_metadata(out_dir, meta)
+    except tf.errors.OpError as err:
+        raise _cannot_write(out_dir, split, err) from None
     storage.write_json_atomic(out_dir / META_FILE, meta, indent=1)  # last: the completion marker
     return entry
+
+
+def _cannot_write(out_dir, split, err):
+    return EntityClipError(f"cannot write the {split!r} split to {out_dir} ({err.message}); free space there (or "
+                           "raise the file size limit) or choose another --out, then rerun; the split's earlier "
+                           "shards, if any, are untouched")

@@ -128,9 +128,13 @@ def _special_tokens(directory):
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = directory / name
         if path.is_file():
-            for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+            try:
+                settings = dict(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, TypeError) as err:
+                raise EntityClipError(f"{path} is not a JSON object ({err}); download the tokenizer again") from None
+            for key, value in settings.items():
                 if key in ("bos_token", "eos_token", "pad_token") and value:
-                    found[key] = value["content"] if isinstance(value, dict) else value
+                    found[key] = value.get("content") if isinstance(value, dict) else value
     return (found.get("bos_token", BOS_TOKEN), found.get("eos_token", EOS_TOKEN),
             found.get("pad_token", found.get("eos_token", EOS_TOKEN)))
 

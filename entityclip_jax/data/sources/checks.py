@@ -64,8 +64,12 @@ def clean_query(value, report, record_id, field="caption"):
     """The caption as one line of text, or None (skipped: empty_query / bad_utf8)."""
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="surrogateescape")
-    if not isinstance(value, str) or not value.strip():
+    if value is None or (isinstance(value, str) and not value.strip()):
         report.skip(record_id, f"empty_query: {field} is empty or missing")
+        return None
+    if not isinstance(value, str):  # a number, a list ...: say so, it is not missing
+        report.skip(record_id, f"not_text: {field} is {type(value).__name__} {str(value)[:40]!r}, not a string; "
+                               "quote it in the source file")
         return None
     if not is_utf8(value):
         report.skip(record_id, f"bad_utf8: {field} is not valid UTF-8")
