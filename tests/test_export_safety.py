@@ -83,3 +83,38 @@ def test_overwrite_refuses_the_training_run_before_reading_it(tmp_path, capsys, 
     assert _export(run, target) == 2  # refused before the (here unreadable) run is read
     assert "being exported" in capsys.readouterr().err
     assert _files(tmp_path) == before
+
+
+def test_a_rerun_removes_what_a_killed_export_left_and_nothing_else(towers, tmp_path, caplog):
+    """A killed export leaves its hidden build directory beside the destination; the rerun removes
+    those it can tell are ours and abandoned (our marker for this destination, its process gone;
+    or empty under our naming), and keeps a live export's, another destination's and anything else."""
+    import json
+    import subprocess
+    import sys
+    from entityclip_jax.weights.hf import PARTIAL_MARKER
+    dest = tmp_path / "exported"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+
+    def leftover(name, pid=None, destination=dest, files=()):
+        directory = tmp_path / name
+        directory.mkdir()
+        if pid is not None:
+            (directory / PARTIAL_MARKER).write_text(json.dumps({"destination": str(destination), "pid": pid,
+                                                                "host": os.uname().nodename}))
+        for file in files:
+            (directory / file).write_bytes(b"x")
+        return directory
+    killed = leftover(".exported.export-0123456789ab", dead_pid, files=["config.json"])
+    empty_old = leftover(".export-aaaaaaaaaaaa")               # the issue's case: an empty folder, old naming
+    live = leftover(".exported.export-bbbbbbbbbbbb", os.getpid(), files=["config.json"])
+    other = leftover(".elsewhere.export-cccccccccccc", dead_pid, tmp_path / "elsewhere", files=["config.json"])
+    foreign = leftover(".exported.export-dddddddddddd", files=["notes.txt"])   # no marker: not ours
+    mine = leftover(".export-notours", files=[])                              # not our naming
+    assert cli_main(["export-hf", str(towers), str(dest), "--no-verify"]) == 0
+    assert not killed.exists() and not empty_old.exists()
+    assert all(d.exists() for d in (live, other, foreign, mine))
+    assert sum("removed" in r.getMessage() and "interrupted" in r.getMessage() for r in caplog.records) == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exported")) == [
+        ".exported.export-bbbbbbbbbbbb", ".exported.export-dddddddddddd"]  # the export's own is gone

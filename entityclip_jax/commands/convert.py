@@ -53,6 +53,7 @@ def export(checkpoint, out, tokenizer_from=None, overwrite=False, verify=True):
     go beside it. Returns the max |embedding difference| to transformers (None unverified)."""
     out = storage.absolute(out)
     check_export_destination(out, overwrite, (checkpoint, tokenizer_from))  # before a long read
+    storage.check_writable(storage.parent(out), "choose a destination you can write to, or fix its permissions")
     if storage.is_remote(out):  # built and verified on the local disk, then uploaded, its marker last
         with tempfile.TemporaryDirectory() as local:
             local_export = os.path.join(local, "export")  # not a user path: our own TemporaryDirectory

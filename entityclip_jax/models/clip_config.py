@@ -10,6 +10,16 @@ import dataclasses
 from entityclip_jax.errors import EntityClipError
 
 
+def _check_heads(config, tower):
+    """Each attention head gets hidden_size / num_attention_heads dimensions: refuse a config where
+    that is not a whole number (a checkpoint's config.json edited by hand, or from another model)."""
+    if config.num_attention_heads < 1 or config.hidden_size % config.num_attention_heads:
+        raise EntityClipError(
+            f"{tower}: hidden_size {config.hidden_size} does not split into num_attention_heads "
+            f"{config.num_attention_heads} equal heads; the config is inconsistent (a CLIP checkpoint has "
+            "hidden_size a multiple of num_attention_heads, e.g. 512 and 8)")
+
+
 LEGACY_EOS_TOKEN_ID = 2  # Hugging Face CLIP configs before transformers 4.31 pool at the argmax of the ids
 
 
@@ -32,6 +42,9 @@ class TextConfig:
     bos_token_id: int = 49406
     pad_token_id: int = 1
 
+    def __post_init__(self):
+        _check_heads(self, "text_config")
+
     @property
     def end_of_text_id(self):
         """The id the text features are read at: eos_token_id, or in a legacy config the largest id."""
@@ -49,6 +62,9 @@ class VisionConfig:
     num_channels: int = 3
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_heads(self, "vision_config")
 
 
 @dataclasses.dataclass(frozen=True)

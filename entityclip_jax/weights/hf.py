@@ -7,8 +7,11 @@ missing and no unexpected keys; writes go to a temporary directory that is
 renamed into place, so a failed export leaves nothing half-written.
 """
 import json
+import logging
 import os
+import re
 import secrets
+import socket
 
 import jax
 import numpy as np
@@ -25,6 +28,10 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.t
               "special_tokens_map.json", "preprocessor_config.json", "processor_config.json")
 # Written into every export: `export-hf --overwrite` replaces only directories that hold it.
 EXPORT_MARKER = "entityclip_export.json"
+# Written first into the hidden directory an export is built in: a rerun removes one whose
+# writer is gone (killed mid-export), and only such a one.
+PARTIAL_MARKER = "entityclip_export_partial.json"
+log = logging.getLogger(__name__)
 
 
 def read_hf_config(directory):
@@ -39,7 +46,10 @@ def read_hf_config(directory):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise EntityClipError(f"{path} is not valid JSON: {err}") from None
-    return CLIPConfig.from_hf(data), data
+    try:
+        return CLIPConfig.from_hf(data), data
+    except EntityClipError as err:
+        raise EntityClipError(f"{path}: {err}") from None
 
 
 def read_state_dict(directory):
@@ -77,7 +87,11 @@ def _read_torch_bin(path):
 
 
 def _read_index(path, reader):
-    shards = sorted(set(json.loads(storage.path(path).read_text())["weight_map"].values()))
+    try:
+        shards = sorted(set(json.loads(storage.path(path).read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise EntityClipError(f"{path} is not a weight index ({type(err).__name__}: {err}); download the "
+                              "checkpoint again") from None
     out = {}
     for shard in shards:
         shard_path = storage.join(storage.path(path).parent, shard)
@@ -131,9 +145,12 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
     check_export_destination(out_dir, overwrite, (*protect, source_dir))
     out = storage.path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".export-{secrets.token_hex(6)}"
+    remove_abandoned_exports(out_dir)
+    tmp = out.parent / f".{out.name}.export-{secrets.token_hex(6)}"
     tmp.mkdir()
     try:
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"destination": out_dir, "host": socket.gethostname(),
+                                                      "pid": os.getpid()}))
         config.to_hf().save_pretrained(str(tmp))
         safetensors.numpy.save_file(flax_to_state_dict(params), str(tmp / "model.safetensors"),
                                     metadata={"format": "pt"})
@@ -142,6 +159,7 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
                 storage.copy(storage.join(source_dir, name), tmp / name)
         if extra is not None:
             extra(str(tmp))
+        (tmp / PARTIAL_MARKER).unlink()
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "entityclip export-hf",
                                                      "files": sorted([*storage.listdir(tmp), EXPORT_MARKER])},
                                                     indent=1))
@@ -155,6 +173,40 @@ def save_hf_checkpoint(params, config, out_dir, source_dir=None, overwrite=False
         tmp.rmtree(missing_ok=True)
         raise
     return out_dir
+
+
+def remove_abandoned_exports(out_dir):
+    """Removes the hidden directories beside out_dir that an export to it left when it was killed
+    (kill -9, a lost machine): those holding our PARTIAL_MARKER for this destination whose process is
+    gone from this host, and empty ones under our naming (a kill right after the mkdir). Nothing else."""
+    out = storage.path(out_dir)
+    pattern = re.compile(rf"\.(?:{re.escape(out.name)}\.)?export-[0-9a-f]{{12}}")  # (the name before 0.2 had no destination)
+    for item in out.parent.iterdir():
+        if not (pattern.fullmatch(item.name) and item.is_dir()) or os.path.islink(item):
+            continue
+        names = storage.listdir(item)
+        if names and not _abandoned(item, out_dir):
+            continue
+        item.rmtree()
+        log.warning("removed %s, the unfinished export an interrupted `entityclip export-hf` left", item)
+
+
+def _abandoned(tmp, out_dir):
+    try:
+        partial = json.loads((tmp / PARTIAL_MARKER).read_text())
+    except (OSError, ValueError):
+        return False  # not ours, or not ours to judge
+    if not isinstance(partial, dict) or partial.get("destination") != out_dir:
+        return False
+    if partial.get("host") != socket.gethostname():
+        return False  # its writer may live on another machine
+    try:
+        os.kill(int(partial["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False  # that process still runs (an export to the same place right now)
 
 
 def check_export_destination(out_dir, overwrite=False, protect=()):

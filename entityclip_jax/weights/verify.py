@@ -19,9 +19,12 @@ def compare_with_transformers(params, config, hf_dir, batch=2, seed=0, tolerance
     rng = np.random.default_rng(seed)
     t, v = config.text, config.vision
     length = min(16, t.max_position_embeddings)
-    ids = rng.integers(1, min(t.vocab_size, t.eos_token_id) - 1, size=(batch, length))
-    ids[:, 0] = t.bos_token_id
-    ids[:, -1] = t.eos_token_id
+    # BOS, then any ids but BOS and the end-of-text id (wherever a small tokenizer puts them), then EOT.
+    end = t.end_of_text_id
+    ids = rng.choice(np.setdiff1d(np.arange(t.vocab_size), [t.bos_token_id, end]), size=(batch, length))
+    if 0 <= t.bos_token_id < t.vocab_size:
+        ids[:, 0] = t.bos_token_id
+    ids[:, -1] = end
     pixels = rng.standard_normal((batch, v.image_size, v.image_size, 3)).astype(np.float32)
 
     with storage.local_copy(hf_dir) as local:  # transformers reads local directories only
