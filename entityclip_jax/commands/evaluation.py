@@ -3,11 +3,14 @@
 import json
 import time
 
+from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.compare import compare_results
 from entityclip_jax.eval.evaluate import evaluate_retrieval, zero_shot_classification
 from entityclip_jax.eval.html_report import DEFAULT_ROWS
 from entityclip_jax.eval.report import markdown_table
+
+OUT_FIX = "choose an --out you can write to, or fix its permissions"
 
 
 def _add_common(parser):
@@ -36,6 +39,7 @@ def run_eval(args):
     start = time.time()
     if args.report_rows < 1:
         raise EntityClipError(f"--report-rows must be at least 1, got {args.report_rows}")
+    storage.check_writable(args.out, OUT_FIX)  # before the encoding, not after it
     metrics, paths = evaluate_retrieval(args.checkpoint, args.data, args.split, args.out,
                                         args.batch_size, args.chunk_size, args.ties, args.report, args.report_rows)
     print(markdown_table(metrics))
@@ -50,6 +54,7 @@ def configure_classify(parser):
 
 
 def run_classify(args):
+    storage.check_writable(args.out, OUT_FIX)
     paths = zero_shot_classification(args.checkpoint, args.data, args.split, args.out, args.tokenizer,
                                      template=args.template, batch_size=args.batch_size)
     summary = json.loads(paths["json"].read_text())

@@ -35,6 +35,7 @@ def configure_search_index(parser):
 
 
 def run_search_index(args):
+    storage.check_writable(storage.parent(args.out), "choose an --out you can write to, or fix its permissions")
     model, params, config = _load(args.checkpoint)
     if args.batch_size < 1:
         raise EntityClipError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -100,8 +100,8 @@ def load_index(path):
             return SearchIndex(embeds=data["embeds"], paths=data["paths"], ids=data["ids"],
                                fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])),
                                **captions)
-    except (KeyError, ValueError, OSError) as err:
-        raise EntityClipError(f"{path} is not a search index ({err}); rebuild it with `entityclip search-index`")
+    except (KeyError, ValueError, OSError, EOFError) as err:
+        raise EntityClipError(f"{path} is not a search index ({err}); rebuild it with `entityclip search-index`") from None
 
 
 def query_index(index, text_embeds, k=5, *, fingerprint=None):
