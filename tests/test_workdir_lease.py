@@ -171,6 +171,7 @@ def test_lease_on_the_gcs_emulator(tmp_path):
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["live_refusal"].startswith("gs://leases/run1 is in use by another `entityclip train` (host ")
     assert "renewed 0 s ago" in out["live_refusal"] and "counts as stale 2 s after its last renewal" in out["live_refusal"]
+    assert "\n" not in out["live_refusal"]
     assert out["after_release"] is None and "released" in out["released_record"]
     assert out["refused_while_fresh"] and out["newcomer_kept"]
     assert out["lost"].startswith("lost the workdir lease gs://leases/run1/train_lease.json to another run")

@@ -59,10 +59,13 @@ def describe_owner(owner, now=None):
     if not isinstance(owner, dict):
         return "an unreadable owner"
     words = f"host {owner.get('host', '?')}, pid {owner.get('pid', '?')}"
-    if "started" in owner:
-        words += f", started {_when(owner['started'])}"
-    if "renewed" in owner and now is not None:
-        words += f", renewed {max(0.0, now - owner['renewed']):.0f} s ago"
+    try:  # a lease file edited by hand names what it can
+        if "started" in owner:
+            words += f", started {_when(float(owner['started']))}"
+        if "renewed" in owner and now is not None:
+            words += f", renewed {max(0.0, now - float(owner['renewed'])):.0f} s ago"
+    except (TypeError, ValueError, OverflowError, OSError):
+        pass
     return words
 
 
@@ -101,7 +104,7 @@ class WorkdirLease:
 
     def _refusal(self, owner, now=None):
         stale = (f"; if that run is dead (kill -9, a lost VM) its lease counts as stale {self.stale_seconds:.0f} s "
-                 "after its last renewal: rerun then") if self.remote else ""
+                 "after its last renewal, at once for a rerun on its own machine") if self.remote else ""
         return (f"{storage.path(self.path).parent} is in use by another `entityclip train` ({describe_owner(owner, now)}, "
                 f"{self.path}): stop that run first, or train in another --workdir{stale}")
 
