@@ -18,7 +18,6 @@ mismatch" ("16 vs 8 bytes"). With one device per process 7 of 7 runs were
 bit-identical. TPU and GPU collectives do not take that path.
 The kill -9 test, which compares no numbers, keeps 4 devices per process.
 """
-import json
 import os
 import pathlib
 import re
@@ -112,8 +111,7 @@ def wait_for(path, processes, timeout=600):
 
 
 def metrics(workdir):
-    with open(workdir / loop.METRICS_FILE) as f:
-        return [json.loads(line) for line in f]
+    return loop.read_metrics(workdir)
 
 
 @pytest.fixture(scope="module")

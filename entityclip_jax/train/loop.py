@@ -38,7 +38,12 @@ from entityclip_jax.train.step import make_train_step
 from entityclip_jax.train.validation import Validator
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # on gs://, the folder WORKDIR/metrics/ of pieces: see storage.JsonLines
+
+
+def read_metrics(workdir):
+    """Every line of the run's metrics log, in order: [{"step": int, name: float, ...}] (the one reader)."""
+    return storage.JsonLines(storage.join(workdir, METRICS_FILE)).read()
 
 
 def fetch_metrics(pending):
@@ -63,14 +68,10 @@ class _MetricsLog:
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
         self.total_steps, self.global_batch = total_steps, global_batch
         self.path = storage.join(workdir, METRICS_FILE)
-        self.lines = storage.JsonLines(self.path)  # gs:// cannot append: rewritten whole, see storage
-        if self.primary:
-            self._truncate_after(resumed_step)
+        self.lines = storage.JsonLines(self.path)  # gs:// cannot append: a new object per flush, see storage
+        if self.primary:  # a resumed run rewrites the steps after its checkpoint: drop the killed run's lines
+            self.lines.truncate_after(resumed_step)
         self.mark = (time.time(), resumed_step)
-
-    def _truncate_after(self, step):
-        """A resumed run rewrites the steps after its checkpoint: drop the killed run's lines for them."""
-        self.lines.keep(lambda record: record["step"] <= step)
 
     def record(self, rows):
         """[(step, metrics)], one line each."""
