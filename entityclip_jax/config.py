@@ -101,6 +101,10 @@ def default_config():
     # every_steps <= 0 validates once per epoch; at_start logs the zero-shot numbers.
     c.eval = _section(every_steps=-1, batch_size=256, at_start=True)
     c.log = _section(every_steps=50)
+    # JAX's persistent compilation cache (train/compilation_cache.py), so a resume does not compile
+    # the step again: "auto" = WORKDIR/compilation_cache on TPU and GPU, none on CPU; "" = none;
+    # or a directory, local or gs://. Off with several CPU devices per process (an XLA:CPU hazard).
+    c.compilation_cache_dir = "auto"
     # Several processes (train/distributed.py): whether jax.distributed.initialize runs.
     #   "auto": on a TPU VM (single host or pod) and under SLURM / Open MPI with several tasks,
     #     jax.distributed.initialize() with JAX's own cluster detection; on GPU hosts without a

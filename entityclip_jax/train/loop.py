@@ -32,7 +32,7 @@ from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.parallel import sharding
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import distributed, input_stream, optimizer
+from entityclip_jax.train import compilation_cache, distributed, input_stream, optimizer
 from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
 from entityclip_jax.train.step import make_train_step
 from entityclip_jax.train.validation import Validator
@@ -148,6 +148,7 @@ def train(config, workdir, allow_config_change=False):
     distributed.initialize(config.distributed, os.environ)  # before JAX's backend starts (device count)
     check_devices(config, jax.device_count())
     workdir = storage.absolute(workdir)
+    compilation_cache.use(config, workdir)  # before anything compiles
     mesh = make_mesh(config.mesh)
     steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
