@@ -5,8 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The compilers `entityclip plan` uses (libtpu for TPUs, the CUDA plugin for GPUs), installed
+# BESIDE the environment, in .venv/libtpu and .venv/jax-cuda, where only `entityclip plan` looks:
+# importable, libtpu would make every other command take this machine for a TPU VM.
+LIBTPU := libtpu==0.0.42.1
+CUDA_PLUGIN := jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+PLAN_STAMP := $(VENV)/.plan-installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv browser plan-deps clean
 
 $(STAMP): requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +21,32 @@ $(STAMP): requirements.txt setup.cfg
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(PLAN_STAMP): $(STAMP) Makefile
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/libtpu $(LIBTPU)
+	$(BIN)/pip install -q --no-deps --upgrade --target $(VENV)/jax-cuda $(CUDA_PLUGIN)
+	touch $(PLAN_STAMP)
+
+plan-deps: $(PLAN_STAMP)
+
+venv: $(STAMP) $(PLAN_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/entityclip demo --workdir demo_out
 
+# Headless Chromium for the browser tests (tests/test_pages_browser.py), from Debian, when missing and we are
+# root (CI is). Without it those tests skip with one line, except under CI (env CI set), where they fail.
+browser:
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+			&& command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+			|| echo "could not install chromium: the browser tests skip (and fail under CI)"; \
+	fi
+
 # pytest exits 5 when it collects no tests: not a failure here.
-test: $(STAMP)
+test: $(STAMP) $(PLAN_STAMP) browser
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PLAN_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:

@@ -24,11 +24,14 @@ COMMANDS = {
     "tokenizer": ("entityclip_jax.commands.records", "OpenAI bpe_simple_vocab_16e6.txt.gz -> Hugging Face tokenizer files"),
     "check-source": ("entityclip_jax.commands.records", "read a raw dataset split; print counts and skipped records"),
     "write-records": ("entityclip_jax.commands.records", "raw dataset split (+ explanations) -> TFRecord shards"),
-    "eval": ("entityclip_jax.commands.evaluation", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG)"),
+    "eval": ("entityclip_jax.commands.evaluation", "Recall@K both ways with the plain CLIP towers (JSON, Markdown, PNG; --report: HTML)"),
+    "compare": ("entityclip_jax.commands.evaluation", "two `eval --report` results of one split, query by query (HTML)"),
     "classify": ("entityclip_jax.commands.evaluation", "zero-shot news classification from image + headline (JSON, PNG)"),
     "search-index": ("entityclip_jax.commands.search", "embed a folder of images or a TFRecord split into a search index"),
     "search": ("entityclip_jax.commands.search", "text query -> top-k images from a search index (+ contact sheet)"),
+    "serve": ("entityclip_jax.commands.search", "a local web page to search an index: type a query, see the images"),
     "train": ("entityclip_jax.commands.train", "train or resume EntityCLIP (or plain CLIP) from a config; Orbax checkpoints in --workdir"),
+    "plan": ("entityclip_jax.commands.plan", "before renting: compile a config's train step for a TPU slice or GPUs; fit, FLOPs, speed ceiling"),
 }
 
 

@@ -101,6 +101,9 @@ def default_config():
     # every_steps <= 0 validates once per epoch; at_start logs the zero-shot numbers.
     c.eval = _section(every_steps=-1, batch_size=256, at_start=True)
     c.log = _section(every_steps=50)
+    # A jax.profiler trace of num_steps steps from first_step on (step 1 is the first) into
+    # WORKDIR/profile, for TensorBoard's profile tab (train/profiling.py); num_steps=0: none.
+    c.profile = _section(first_step=10, num_steps=0)
     # JAX's persistent compilation cache (train/compilation_cache.py), so a resume does not compile
     # the step again: "auto" = WORKDIR/compilation_cache on TPU and GPU, none on CPU; "" = none;
     # or a directory, local or gs://. Off with several CPU devices per process (an XLA:CPU hazard).
@@ -224,9 +227,11 @@ def validate_config(config, device_count=None):
         fail(f"num_train_steps must be > 0 (or -1: use num_epochs), got {config.num_train_steps}")
     if config.num_train_steps == -1 and config.num_epochs < 1:
         fail(f"num_epochs must be >= 1, got {config.num_epochs} (or set num_train_steps > 0)")
-    for name in ("checkpoint.every_steps", "log.every_steps", "accumulation_steps"):
+    for name in ("checkpoint.every_steps", "log.every_steps", "accumulation_steps", "profile.first_step"):
         if _get(config, name) < 1:
             fail(f"{name} must be >= 1, got {_get(config, name)}")
+    if config.profile.num_steps < 0:
+        fail(f"profile.num_steps must be >= 0 (0: no profile), got {config.profile.num_steps}")
     if config.batch_size < 1:
         fail(f"batch_size must be >= 1, got {config.batch_size}")
     if config.batch_size % config.accumulation_steps:

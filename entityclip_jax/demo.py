@@ -7,8 +7,10 @@
   3. records   TFRecords with the real OpenAI CLIP vocabulary
   4. train     a tiny EntityCLIP and, as the baseline, plain CLIP fine-tuning
                (VTC only) with the same towers, data and steps, on 8 simulated devices
-  5. evaluate  Recall@K both ways (plain CLIP towers), zero-shot classification,
-               the attention view of an explanation expert
+  5. evaluate  Recall@K both ways (plain CLIP towers) with an HTML report per model,
+               EntityCLIP vs CLIP fine-tuning query by query, a search index to
+               `entityclip serve`, zero-shot classification, the attention view
+               of an explanation expert
   6. export    a Hugging Face CLIPModel directory, checked against PyTorch
 Every stage calls the same function or command a user would.
 """
@@ -17,28 +19,26 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 from PIL import Image
 
 from entityclip_jax import storage
 from entityclip_jax.checkpoints.model_init import init_entityclip
 from entityclip_jax.checkpoints.towers import load_towers_and_heads, save_towers
 from entityclip_jax.cli import main as cli
-from entityclip_jax.config import load_config
 from entityclip_jax.commands.convert import export
+from entityclip_jax.config import load_config
+from entityclip_jax.data import explanation_cache
 from entityclip_jax.data.embedded import real_photo_records
 from entityclip_jax.data.pipeline import make_dataset, numpy_batches
 from entityclip_jax.data.synthetic import synthetic_examples
 from entityclip_jax.data.tokenizer import build_hf_tokenizer_files, ensure_openai_vocab, load_tokenizer
 from entityclip_jax.errors import EntityClipError
-from entityclip_jax.eval.attention import draw_attention, expert_attention, top_words, word_scores
+from entityclip_jax.eval.attention import draw_attention, expert_words
+from entityclip_jax.eval.compare import compare_results
 from entityclip_jax.eval.evaluate import evaluate_retrieval, zero_shot_classification
-from entityclip_jax.data import explanation_cache
 from entityclip_jax.explain.prompts import load_prompt
 from entityclip_jax.explain.runner import generate_explanations
-from entityclip_jax.models.clip import CLIPModel
 from entityclip_jax.models.clip_pixels import to_uint8
-from entityclip_jax.objective.batch_loss import token_mask
 
 SPLITS = {"train": 1024, "val": 128, "test": 256}
 QUICK_SPLITS = {"train": 96, "val": 32, "test": 32}  # --quick: a smoke run of every stage
@@ -148,8 +148,13 @@ def run(args):
                     *overrides]))
 
     _stage("5. evaluation with the plain CLIP towers")
-    metrics = {name: evaluate_retrieval(run_dir, records, "test", storage.join(results, name))[0]
+    metrics = {name: evaluate_retrieval(run_dir, records, "test", storage.join(results, name), report=True)[0]
                for name, run_dir in runs.items()}
+    comparison, changes = compare_results(storage.join(results, "entityclip"), storage.join(results, "clip_finetune"),
+                                          storage.join(results, "compare_entityclip_vs_clip_finetune.html"))
+    index = storage.join(workdir, "search_index.npz")
+    _check(cli(["search-index", "--checkpoint", runs["entityclip"], "--records", records, "--split", "test",
+                "--out", index]))
     classification = zero_shot_classification(runs["entityclip"], records, "test",
                                               storage.join(results, "classification"), tokenizer_dir)
     attention_png = _attention_view(runs["entityclip"], records, tokenizer_dir, results)
@@ -162,6 +167,9 @@ def run(args):
     print(f"Recall@K on the test split ({metrics['entityclip']['num_texts']} pairs; same towers, data, "
           f"steps and seed for both runs):")
     print(_summary_table(metrics))
+    for direction, c in changes.items():
+        print(f"{c['label']}: EntityCLIP gets {c['fixed']} queries right that CLIP fine-tuning misses, "
+              f"and misses {c['broken']} it gets right (rank 1); {c['better']} rank better, {c['worse']} worse")
     with storage.open(classification["json"]) as f:
         accuracy = json.load(f)["accuracy"]
     print(f"\nzero-shot news classification (image + headline, EntityCLIP towers): accuracy {accuracy:.1f}%")
@@ -172,9 +180,13 @@ def run(args):
                         ("TFRecords", records), ("EntityCLIP run (TensorBoard, checkpoints)", runs["entityclip"]),
                         ("CLIP fine-tuning run", runs["clip_finetune"]),
                         ("retrieval results (JSON, Markdown, PNG)", results),
+                        ("report of EntityCLIP's retrieval (HTML)", storage.join(results, "entityclip", "report.html")),
+                        ("EntityCLIP vs CLIP fine-tuning (HTML)", comparison),
                         ("classification", classification["png"]), ("attention view", attention_png),
-                        ("Hugging Face export", export_dir)]:
+                        ("Hugging Face export", export_dir), ("search index of the test split", index)]:
         print(f"  {label:42s} {path}")
+    print(f"\nsearch it in a browser:\n  entityclip serve --index {index} --checkpoint {runs['entityclip']} "
+          f"--tokenizer {tokenizer_dir}")
     return 0
 
 
@@ -220,22 +232,12 @@ def _attention_view(run_dir, records, tokenizer_dir, results):
     clip_config, tower_params, heads = load_towers_and_heads(run_dir)
     batch = next(numpy_batches(make_dataset(records, "test", batch_size=1, image_size=clip_config.vision.image_size,
                                             train=False, process_index=0, process_count=1), (records, "test")))
-    towers, variables = CLIPModel(clip_config), {"params": tower_params}
-    image = towers.apply(variables, batch["pixel_values"], method=CLIPModel.encode_image)
-    query = towers.apply(variables, batch["query_ids"], method=CLIPModel.encode_text)
-    explanation = towers.apply(variables, batch["explanation_ids"], method=CLIPModel.encode_text)
-    e_mask = token_mask(explanation.eot_index, batch["explanation_ids"].shape[1])
-    expert = jax.tree.map(lambda x: x[0], heads["explanation_experts"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    ids = batch["explanation_ids"][0]
-    by_image = expert_attention(expert, image.tokens[:, 1:], explanation.tokens, e_mask)[0]
-    q_len = int(query.eot_index[0])
-    by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
+    image_words, query_words = expert_words(clip_config, tower_params, heads, batch["pixel_values"],
+                                            batch["query_ids"], batch["explanation_ids"], tokenizer)[0]
     picture = to_uint8(batch["pixel_values"][0])
-    query_text = tokenizer.decode([int(i) for i in batch["query_ids"][0][1:q_len]])
     out = storage.join(results, "attention.png")
     storage.path(results).mkdir(parents=True, exist_ok=True)
-    draw_attention(picture, query_text, top_words(word_scores(jnp.asarray(by_image), ids, tokenizer)),
-                   top_words(word_scores(jnp.asarray(by_query), ids, tokenizer)), out,
+    draw_attention(picture, batch["query"][0].decode("utf-8"), image_words, query_words, out,
                    title="explanation expert 0 (trained EntityCLIP)")
     return out

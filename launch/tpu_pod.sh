@@ -8,7 +8,9 @@
 #  - each host reads its own share of the TFRecord shards (data on GCS);
 #  - the global batch is sharded over every chip of the slice inside jit;
 #  - every host writes its part of each Orbax checkpoint to the gs:// workdir,
-#    and after a preemption the whole slice is re-created and resumes from it.
+#    and after a preemption the whole slice is re-created and resumes from it;
+#  - before anything is created, `entityclip plan` compiles the step for the
+#    slice here and stops the launch when it would not fit (PLAN=0 skips it).
 #
 # Usage: BUCKET=gs://my-bucket [ACCELERATOR_TYPE=v4-32] [VAR=value ...] launch/tpu_pod.sh [--dry-run]
 # Every setting of tpu_vm.sh applies (launch/tpu_vm.sh --help).

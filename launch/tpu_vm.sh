@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train EntityCLIP on a Cloud TPU VM (one host, or every host of a pod slice).
 #
-# Creates the VM (or reuses it), installs this project with jax[tpu] on every
-# worker, and runs `entityclip train` on all workers at once with the workdir on
+# First compiles the training step for ACCELERATOR_TYPE here (`entityclip plan`)
+# and stops with its message when the run would not fit. Then creates the VM (or
+# reuses it), installs this project with jax[tpu] on every worker, and runs `entityclip train` on all workers at once with the workdir on
 # a GCS bucket. When the VM is preempted (spot/preemptible TPUs), it deletes and
 # re-creates it, reinstalls and runs the same command again: training resumes
 # from the latest Orbax checkpoint in the workdir.
@@ -32,6 +33,8 @@ Settings (environment variables, defaults in brackets):
   MAX_RESTARTS      re-creations after preemption before giving up [20]
   POLL_SECONDS      wait between state checks while the VM is starting [30]
   DELETE_WHEN_DONE  1: delete the VM after training finishes [0]
+  PLAN              0: skip `entityclip plan` (run here, before anything is created) [1]
+  ENTITYCLIP        the local entityclip that plans [.venv/bin/entityclip if present, else entityclip]
   DRY_RUN           1: print the commands instead of running them (same as --dry-run)
 USAGE
 }
@@ -51,6 +54,11 @@ JAX_VERSION="${JAX_VERSION:-0.10.2}"
 MAX_RESTARTS="${MAX_RESTARTS:-20}"
 POLL_SECONDS="${POLL_SECONDS:-30}"
 DELETE_WHEN_DONE="${DELETE_WHEN_DONE:-0}"
+PLAN="${PLAN:-1}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${ENTITYCLIP:-}" ]]; then
+  if [[ -x "$ROOT/.venv/bin/entityclip" ]]; then ENTITYCLIP="$ROOT/.venv/bin/entityclip"; else ENTITYCLIP=entityclip; fi
+fi
 
 [[ "$BUCKET" == gs://* ]] || die "BUCKET must be a gs:// bucket (got '${BUCKET}'); every worker writes checkpoints there and a re-created VM resumes from it"
 WORKDIR="${WORKDIR:-${BUCKET%/}/${RUN_NAME}}"
@@ -152,7 +160,28 @@ train_on_all_workers() {
     "entityclip train --config $CONFIG --workdir $WORKDIR --config.data.dir=$DATA${TRAIN_ARGS:+ $TRAIN_ARGS} 2>&1 | tee -a ~/train.log")"
 }
 
+# Before renting: the training step compiled here for ACCELERATOR_TYPE (no TPU needed). Exit 3 means
+# it does not fit; the plan's own lines say what dominates and what to try. The data directory is
+# left out: the records' context length only refines the plan, and reading gs:// here needs credentials.
+plan_first() {
+  if [[ "$PLAN" != 1 ]]; then say "PLAN=$PLAN: not planning"; return 0; fi
+  local cmd=("$ENTITYCLIP" plan --config "$CONFIG" --accelerator "$ACCELERATOR_TYPE")
+  # shellcheck disable=SC2206  # TRAIN_ARGS is split into words, as in the train command
+  [[ -n "$TRAIN_ARGS" ]] && cmd+=($TRAIN_ARGS)
+  if is_dry_run; then echo "+ $(quote "${cmd[@]}")" >&3; return 0; fi
+  command -v "$ENTITYCLIP" >/dev/null || die "planning needs entityclip installed here ('make venv', or set ENTITYCLIP); PLAN=0 skips the plan"
+  say "planning $CONFIG on $ACCELERATOR_TYPE before creating anything (PLAN=0 skips this)"
+  local status=0
+  (cd "$ROOT" && "${cmd[@]}") || status=$?
+  case "$status" in
+    0) ;;
+    3) die "the run does not fit on $ACCELERATOR_TYPE (see the plan above); nothing was created" ;;
+    *) die "entityclip plan failed (exit $status, see above); nothing was created; PLAN=0 skips the plan" ;;
+  esac
+}
+
 restarts=0
+plan_first
 ensure_vm
 install_project
 until train_on_all_workers; do

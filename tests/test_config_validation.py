@@ -66,6 +66,17 @@ def test_context_length_longer_than_the_towers_positions(records, tmp_path, init
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_before_anything_is_written(records, tmp_path, capsys):
+    meta = records / "entityclip_meta.json"
+    meta.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "context_length": 16,
+                                "splits": {"train": {"num_examples": 4096, "shards": []}}}))
+    code = cli_main(["train", "--config", "configs/tiny_cpu.py", "--workdir", str(tmp_path / "run"),
+                     f"--config.data.dir={records}", "--config.num_train_steps=3", "--config.optimizer.warmup_steps=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "optimizer.warmup_steps 5 must be in [0, total steps 3)" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_default_and_shipped_configs_pass():
     from entityclip_jax.config import load_config
     for spec in ("configs/tiny_cpu.py", "configs/n24news.py", "configs/n24news.py:b16"):

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from entityclip_jax.cli import main as cli
+from entityclip_jax.eval.search import load_index
 
 pytestmark = pytest.mark.slow  # the whole pipeline, minutes
 
@@ -28,6 +29,13 @@ def test_quick_demo_runs_every_stage_and_leaves_real_artefacts(tmp_path, capsys)
         with Image.open(workdir / png) as image:
             assert image.size[0] > 200, png
     assert {"config.json", "model.safetensors", "vocab.json"} <= set(os.listdir(workdir / "hf_export"))
+    # the pages a person reads (tests/test_pages_browser.py opens them in a browser) and the index to serve
+    for page in ("results/entityclip/report.html", "results/compare_entityclip_vs_clip_finetune.html"):
+        html = (workdir / page).read_text()    # 32 text queries and 32 images
+        assert html.count("<tr data-order=") == 64 and "data:image/jpeg;base64," in html, page
+    index = load_index(workdir / "search_index.npz")
+    assert len(index.ids) == len(index.texts) == 32 and index.source["split"] == "test"
+    assert f"entityclip serve --index {workdir / 'search_index.npz'}" in printed
     cache = [json.loads(line) for line in open(workdir / "explanations.jsonl")]
     assert len(cache) == 96 + 32 + 32 + 6 and all(r["status"] == "ok" for r in cache)
     _resume_from_export(workdir)

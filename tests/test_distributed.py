@@ -1,5 +1,6 @@
 """Which environments start jax.distributed, with which arguments (jax.distributed.initialize
 replaced by a recorder), and the single-process SIGTERM handler."""
+import importlib.util
 import os
 import signal
 
@@ -44,6 +45,21 @@ def test_which_environments_initialize(calls, monkeypatch, mode, environ, tpu_ho
     monkeypatch.setattr(distributed, "_tpu_host", lambda: tpu_host)
     distributed.initialize(section(initialize=mode, heartbeat_timeout_seconds=7), environ)
     assert calls == ([] if expected is None else [dict(expected, heartbeat_timeout_seconds=7)])
+
+
+def test_a_tpu_vm_has_libtpu_and_tpu_chips_on_its_pci_bus(monkeypatch, tmp_path):
+    """libtpu alone (installed on a laptop to plan) does not make a TPU VM: the chips must be there."""
+    for device, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x1ae0")):
+        (tmp_path / device).mkdir()
+        (tmp_path / device / "vendor").write_text(vendor + "\n")
+    monkeypatch.setattr(distributed, "PCI_DEVICES", str(tmp_path))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else find_spec(name))
+    assert distributed._tpu_host()
+    (tmp_path / "0000:00:05.0" / "vendor").write_text("0x1af4\n")  # no Google device: a laptop, a GPU box
+    assert not distributed._tpu_host()
+    monkeypatch.setattr(distributed, "PCI_DEVICES", str(tmp_path / "missing"))  # no sysfs at all
+    assert not distributed._tpu_host()
 
 
 def test_an_explicit_coordinator_is_passed_on(calls, monkeypatch):

@@ -113,6 +113,45 @@ def test_eval_command_writes_metrics_equal_to_brute_force(setup, capsys):
         assert png.size[0] > 200
 
 
+def test_eval_report_keeps_each_query_its_top_5_and_the_pictures(setup, capsys):
+    import io
+
+    from entityclip_jax.eval.retrieval_details import load_results
+    out = setup["root"] / "report_out"
+    assert cli(["eval", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
+                "--out", str(out), "--batch-size", "16", "--report"]) == 0
+    assert "report.html" in capsys.readouterr().out
+    metrics, details = load_results(out)
+    examples = [json.loads(line) for line in (setup["root"] / "raw" / "val.jsonl").read_text().splitlines()]
+    assert list(details.texts) == [e["query"] for e in examples]
+    assert list(details.text_ids) == list(details.image_ids) == [e["id"] for e in examples]
+    t2i = details.direction("t2i")
+    assert metrics["t2i"]["R@5"] == pytest.approx(100 * np.mean(t2i["ranks"] < 5))
+    for text, (rank, top) in enumerate(zip(t2i["ranks"], t2i["top"])):   # the truth sits at its rank in the top 5
+        assert (list(top).index(details.text_image[text]) if details.text_image[text] in top else 5) == min(rank, 5)
+    assert sorted(details.thumbnails) == sorted(e["id"] for e in examples)
+    with Image.open(io.BytesIO(details.thumbnails[examples[0]["id"]])) as thumbnail:
+        assert thumbnail.format == "JPEG" and thumbnail.size == (96, 96)
+    assert (out / "report.html").read_text().count("<tr data-order=") == 80
+
+
+def test_eval_report_of_a_large_split_samples_rows_and_keeps_their_pictures(setup, monkeypatch):
+    """Past THUMBNAIL_LIMIT images, thumbnails of just the images the page shows (read by id)."""
+    from entityclip_jax.eval import evaluate
+    from entityclip_jax.eval.html_report import images_on_page, rows_on_page
+    from entityclip_jax.eval.retrieval_details import load_results
+    monkeypatch.setattr(evaluate, "THUMBNAIL_LIMIT", 10)
+    out = setup["root"] / "sampled_report"
+    assert cli(["eval", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
+                "--out", str(out), "--batch-size", "16", "--report", "--report-rows", "4"]) == 0
+    _, details = load_results(out)
+    shown = images_on_page(details, rows_on_page(details, 4))
+    assert len(details.direction("t2i")["ranks"]) == 40 and 4 <= len(shown) < 40
+    assert sorted(details.thumbnails) == sorted(shown)
+    html = (out / "report.html").read_text()
+    assert html.count("<tr data-order=") == 8 and "4 of 40 queries" in html and "random sample" in html
+
+
 def test_classify_command_predicts_what_the_embeddings_say(setup, capsys):
     out = setup["root"] / "classify_out"
     assert cli(["classify", "--checkpoint", setup["towers"], "--data", setup["records"], "--split", "val",
@@ -146,6 +185,12 @@ def test_search_commands_find_the_described_image(trained, capsys):
     assert sum(found) >= 5, printed
     assert printed[0].count("  1. ") == 1 and " 5. " in printed[0]
     assert (trained["root"] / "hits_1.png").exists() and Image.open(trained["root"] / "hits_1.png").size[0] > 100
+    # built from records, the index holds the captions: an image's nearest ones are mostly its own
+    from entityclip_jax.eval.search import load_index, nearest_captions
+    loaded = load_index(index)
+    assert list(loaded.texts) == [e["query"] for e in examples] and list(loaded.text_ids) == list(loaded.ids)
+    own = [loaded.text_ids[i] == loaded.ids[row] for row in range(40) for i in nearest_captions(loaded, row, 5)[0]]
+    assert sum(own) >= 20, sum(own)     # of 40 images with one caption each; chance: 5
 
 
 def test_eval_refuses_a_missing_checkpoint(setup, capsys):

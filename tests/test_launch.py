@@ -47,7 +47,11 @@ TPU_ENV = {"BUCKET": "gs://test-bucket", "PROJECT": "test-project", "ZONE": "eur
 def test_tpu_vm_dry_run_creates_installs_and_trains_on_all_workers():
     result = launch("tpu_vm.sh", "--dry-run", env=TPU_ENV)
     assert result.returncode == 0, result.stderr
-    lines = commands(result)
+    plan, *lines = commands(result)
+    # first, before anything exists: the step planned here for the accelerator, with the train overrides
+    assert os.path.basename(plan[0]) == "entityclip" and plan[1:] == [
+        "plan", "--config", "configs/custom.py", "--accelerator", "v5litepod-8",
+        "--config.data.dir=gs://test-bucket/records"]
     where = ["--zone=europe-west4-a", "--project=test-project"]
     assert lines[0][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
     create = next(line for line in lines if line[4:5] == ["create"])
@@ -83,6 +87,7 @@ def test_tpu_pod_dry_run_uses_pod_defaults_and_overrides():
     result = launch("tpu_pod.sh", "--dry-run", env={"BUCKET": "gs://pods", "ZONE": "us-central2-b"})
     assert result.returncode == 0, result.stderr
     lines = commands(result)
+    assert lines[0][1:] == ["plan", "--config", "configs/n24news.py", "--accelerator", "v4-32"]
     create = next(line for line in lines if line[4:5] == ["create"])
     assert create[5] == "entityclip-pod" and "--accelerator-type=v4-32" in create
     assert "--version=tpu-ubuntu2204-base" in create
@@ -134,16 +139,56 @@ exit 0
 """
 
 
+# `entityclip plan` as the launch scripts see it: its lines on stdout, exit 0 (fits) or 3 (does not fit).
+FAKE_ENTITYCLIP = r"""#!/usr/bin/env bash
+echo "$*" >> "$FAKE_DIR/plans"
+echo "train step, batch 192 (24 per chip): ${FAKE_PLAN_SAYS:-fits: peak 3.18 GiB of 16.00 GiB per chip}"
+exit "${FAKE_PLAN_EXIT:-0}"
+"""
+
+
 def fake_gcloud(tmp_path):
+    """PATH with a fake gcloud, and a fake entityclip for ENTITYCLIP (the tests' env sets it)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
-    (bin_dir / "gcloud").chmod(0o755)
+    for name, text in (("gcloud", FAKE_GCLOUD), ("entityclip", FAKE_ENTITYCLIP)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     return f"{bin_dir}:/usr/bin:/bin"
 
 
+def fake_env(tmp_path, **extra):
+    return {**TPU_ENV, "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "POLL_SECONDS": "0",
+            "ENTITYCLIP": str(tmp_path / "bin" / "entityclip"), **extra}
+
+
+def test_tpu_vm_plans_first_and_creates_nothing_when_the_run_does_not_fit(tmp_path):
+    path = fake_gcloud(tmp_path)
+    says = "does not fit: the compiler needs 29.83 GiB per chip, 15.75 GiB available; try --config.model.remat=True"
+    result = launch("tpu_vm.sh", env=fake_env(tmp_path, FAKE_PLAN_EXIT="3", FAKE_PLAN_SAYS=says), path=path)
+    assert result.returncode == 1 and says in result.stdout
+    assert "the run does not fit on v5litepod-8 (see the plan above); nothing was created" in result.stderr
+    assert not (tmp_path / "calls").exists()  # gcloud never called
+    assert (tmp_path / "plans").read_text().split() == [
+        "plan", "--config", "configs/custom.py", "--accelerator", "v5litepod-8", "--config.data.dir=gs://test-bucket/records"]
+    result = launch("tpu_vm.sh", env=fake_env(tmp_path, FAKE_PLAN_EXIT="2"), path=path)
+    assert result.returncode == 1 and "entityclip plan failed (exit 2" in result.stderr
+    assert not (tmp_path / "calls").exists()
+    result = launch("tpu_vm.sh", env=fake_env(tmp_path, ENTITYCLIP=str(tmp_path / "nowhere")), path=path)
+    assert result.returncode == 1 and "planning needs entityclip installed here" in result.stderr
+
+
+def test_plan_0_skips_the_plan(tmp_path):
+    path = fake_gcloud(tmp_path)
+    result = launch("tpu_pod.sh", env=fake_env(tmp_path, PLAN="0", FAKE_PLAN_EXIT="3"), path=path)
+    assert result.returncode == 0, result.stderr
+    assert "PLAN=0: not planning" in result.stderr and not (tmp_path / "plans").exists()
+    dry = launch("tpu_vm.sh", "--dry-run", env={**TPU_ENV, "PLAN": "0"})
+    assert dry.returncode == 0 and not any(line[1:2] == ["plan"] for line in commands(dry))
+
+
 def test_tpu_vm_recreates_after_preemption_and_resumes(tmp_path):
-    env = {**TPU_ENV, "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "POLL_SECONDS": "0"}
+    env = fake_env(tmp_path)
     result = launch("tpu_vm.sh", env=env, path=fake_gcloud(tmp_path))
     assert result.returncode == 0, result.stderr
     calls = [line.split()[3] + (" train" if "entityclip train" in line else "")
@@ -154,12 +199,12 @@ def test_tpu_vm_recreates_after_preemption_and_resumes(tmp_path):
                      "scp", "ssh", "ssh train"]                                  # resumed, same workdir
     trains = [line for line in (tmp_path / "calls").read_text().splitlines() if "entityclip train" in line]
     assert len({t for t in trains}) == 1 and "--workdir gs://test-bucket/run7" in trains[0]
+    assert len((tmp_path / "plans").read_text().splitlines()) == 1  # planned once, before the first VM
 
 
 def test_tpu_vm_stops_when_training_fails_on_a_healthy_vm(tmp_path):
     (tmp_path / "preempted_once").touch()
-    env = {**TPU_ENV, "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "POLL_SECONDS": "0",
-           "FAKE_TRAIN_FAILS": "1"}
+    env = fake_env(tmp_path, FAKE_TRAIN_FAILS="1")
     result = launch("tpu_vm.sh", env=env, path=fake_gcloud(tmp_path))
     assert result.returncode == 1 and "not a preemption" in result.stderr
     assert "delete" not in (tmp_path / "calls").read_text()

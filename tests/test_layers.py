@@ -21,6 +21,7 @@ LAYERS = (
     ("checkpoints",),
     ("eval", "explain"),
     ("train",),               # may use eval's metrics, as big_vision's trainers use its evaluators
+    ("plan",),                # compiles train's step for accelerators this machine does not have
     ("commands",),
     ("cli",),
     ("demo",),

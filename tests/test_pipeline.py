@@ -68,9 +68,11 @@ def test_eval_covers_every_example_once_with_padding_mask(data_dir, process_coun
             assert all(i for i in batch["id"][real]) and not any(batch["id"][pad])
             assert not batch["pixel_values"][pad].any() and not batch["query_ids"][pad].any()
             seen += [i.decode() for i in batch["id"][real]]
-            for i, label, headline in zip(batch["id"][real], batch["label"][real], batch["headline"][real]):
+            for i, label, headline, query in zip(batch["id"][real], batch["label"][real], batch["headline"][real],
+                                                 batch["query"][real]):
                 number = int(i.decode()[2:])
-                assert (label.decode(), headline.decode()) == (f"label{number % 3}", f"headline {number}")
+                assert (label.decode(), headline.decode(), query.decode()) == \
+                    (f"label{number % 3}", f"headline {number}", f"a photo of a cat {number}")
     assert len(batch_counts) == 1  # every host runs the same number of steps
     assert sorted(seen) == [f"id{i:02d}" for i in range(NUM_EXAMPLES)]
 
@@ -82,6 +84,18 @@ def test_eval_is_deterministic_and_masks_only_the_tail(data_dir):
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
         assert a["id"].tolist() == b["id"].tolist()
+
+
+def test_eval_of_some_ids_reads_just_those_examples(data_dir):
+    """ids=: the examples with those ids, in split order, as the full pass gives them (unknown ids match none)."""
+    full = {i.decode(): pixels for batch in eval_batches(data_dir, 0, 1)
+            for i, pixels, real in zip(batch["id"], batch["pixel_values"], batch["mask"]) if real}
+    batches = eval_batches(data_dir, 0, 1, batch_size=2, ids=["id09", "id02", "id07", "nope"])
+    assert [len(b["id"]) for b in batches] == [2, 1] and all(b["mask"].all() for b in batches)
+    got = [i.decode() for b in batches for i in b["id"]]
+    assert got == ["id02", "id07", "id09"]
+    pixels = np.concatenate([b["pixel_values"] for b in batches])
+    np.testing.assert_array_equal(pixels, np.stack([full[i] for i in got]))
 
 
 def test_train_processes_read_disjoint_files(data_dir):
@@ -122,6 +136,20 @@ def test_to_global_arrays_shards_the_batch_over_eight_devices(data_dir):
         assert len(rows) == 4 and all(len(r) == 2 for r in rows)  # 4 data shards of 2 rows, replicated on "model"
     both = pipeline.to_global_arrays(batch, mesh, ("data", "model"))
     assert sorted(s.index[0].start for s in both["query_ids"].addressable_shards) == list(range(8))
+
+
+@pytest.mark.parametrize("normalize_on_host", [True, False])
+def test_batch_shapes_are_what_the_devices_get(data_dir, normalize_on_host):
+    """What `entityclip plan` compiles for without reading data: every array of a real batch, no more."""
+    import jax
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    ds = pipeline.make_dataset(data_dir, "test", batch_size=8, image_size=24, train=True, process_index=0,
+                               process_count=1, normalize_on_host=normalize_on_host)
+    arrays = pipeline.to_global_arrays(next(ds.as_numpy_iterator()), mesh, "data")
+    context_length = records.read_meta(data_dir)["context_length"]
+    expected = pipeline.batch_shapes(8, 24, context_length, normalize_on_host)
+    assert {k: (a.shape, a.dtype) for k, a in arrays.items()} == {k: (s.shape, s.dtype) for k, s in expected.items()}
 
 
 def test_truncated_shard_is_named_or_skipped(data_dir, tmp_path, caplog):

@@ -39,7 +39,7 @@ def tied_problem(seed, num_images=37, dim=6):
 
 @pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
 @pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (10, "numpy"), (1000, "numpy"),
-                                                 (10, "jax")])
+                                                 pytest.param(10, "jax", marks=pytest.mark.slow)])  # a compile
 def test_chunked_ranks_equal_brute_force_with_ties(ties, chunk_size, backend, monkeypatch):
     import jax.numpy as jnp
 
@@ -242,3 +242,52 @@ def test_clip_encoders_equal_transformers_pytorch_clip(tiny_hf_dir):
     unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)   # noqa: E731
     np.testing.assert_allclose(np.asarray(encode_image(pixels)), unit(want_image), atol=2e-5)
     np.testing.assert_allclose(np.asarray(encode_text(ids.astype(np.int32))), unit(want_text), atol=2e-5)
+
+
+def brute_force_top(image_embeds, text_embeds, text_to_image, k):
+    """Sorted rows of the full matrix; equal scores in gallery order: images by row, texts by
+    (their image's row, input order), the order retrieval_ranks documents."""
+    sims = image_embeds @ text_embeds.T
+    text_order = np.lexsort((np.arange(len(text_to_image)), text_to_image))   # gallery position -> text
+    i2t = [text_order[np.lexsort((np.arange(len(text_order)), -row[text_order]))[:k]] for row in sims]
+    t2i = [np.lexsort((np.arange(len(column)), -column))[:k] for column in sims.T]
+    return np.array(i2t), np.array(t2i), sims
+
+
+@pytest.mark.parametrize("chunk_size, backend", [(1, "numpy"), (7, "numpy"), (1000, "numpy"),
+                                                 pytest.param(7, "jax", marks=pytest.mark.slow)])  # a compile
+def test_top_k_in_the_chunked_pass_equals_sorted_rows_with_ties(chunk_size, backend, monkeypatch):
+    import jax.numpy as jnp
+
+    from entityclip_jax.eval import retrieval
+    if backend == "jax":
+        monkeypatch.setattr(retrieval, "_array_backend", lambda: (jnp, retrieval._jax_scores))
+    image_embeds, text_embeds, text_to_image = tied_problem(seed=11)
+    image_embeds[5] = image_embeds[30]
+    got = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, top_k=5,
+                          ties="pessimistic")
+    i2t, t2i, sims = brute_force_top(image_embeds, text_embeds, text_to_image, 5)
+    np.testing.assert_array_equal(got["i2t_top"], i2t)
+    np.testing.assert_array_equal(got["t2i_top"], t2i)
+    np.testing.assert_array_equal(got["i2t_top_scores"], np.take_along_axis(sims, i2t, axis=1))
+    np.testing.assert_array_equal(got["t2i_top_scores"], np.take_along_axis(sims.T, t2i, axis=1))
+    np.testing.assert_array_equal(got["t2i_correct_scores"], sims[text_to_image, np.arange(len(text_to_image))])
+    best = [sims[i, text_to_image == i].max() for i in range(len(image_embeds))]
+    np.testing.assert_array_equal(got["i2t_correct_scores"], best)
+    # the ranks are those of the pass without top k
+    plain = retrieval_ranks(image_embeds, text_embeds, text_to_image, chunk_size=chunk_size, ties="pessimistic")
+    np.testing.assert_array_equal(got["t2i_ranks"], plain["t2i_ranks"])
+    np.testing.assert_array_equal(got["i2t_ranks"], plain["i2t_ranks"])
+    assert "i2t_top" not in plain
+
+
+def test_top_k_agrees_with_the_rank_and_shrinks_to_the_gallery():
+    rng = np.random.default_rng(4)
+    images, texts = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(9, 8)).astype(np.float32)
+    text_to_image = np.arange(9) % 3
+    got = retrieval_ranks(images, texts, text_to_image, chunk_size=2, top_k=5)
+    assert got["t2i_top"].shape == (9, 3) and got["i2t_top"].shape == (3, 5)   # 3 images to rank
+    for t, rank in enumerate(got["t2i_ranks"]):   # continuous scores: a top-5 hit sits at its rank
+        assert got["t2i_top"][t, rank] == text_to_image[t]
+    with pytest.raises(EntityClipError, match="top_k"):
+        retrieval_ranks(images, texts, text_to_image, top_k=-1)

@@ -21,7 +21,7 @@ from entityclip_jax.errors import EntityClipError
 from entityclip_jax.checkpoints import run as ckpt
 from entityclip_jax.parallel import sharding
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import input_stream, loop
+from entityclip_jax.train import chips, input_stream, loop, setup
 from tests._tiny_training import write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -50,9 +50,10 @@ def read_metrics(workdir):
 
 @pytest.fixture(scope="module")
 def reference_run(records, tmp_path_factory):
-    """An uninterrupted run, in this process."""
+    """An uninterrupted run, in this process, with a profiler window over steps 3 and 4."""
     workdir = tmp_path_factory.mktemp("reference")
-    config = load_config(str(ROOT / "configs" / "tiny_cpu.py"), overrides(records))
+    config = load_config(str(ROOT / "configs" / "tiny_cpu.py"),
+                         overrides(records, **{"profile.first_step": 3, "profile.num_steps": 2}))
     summary = loop.train(config, str(workdir))
     return workdir, summary
 
@@ -77,6 +78,30 @@ def test_tiny_entityclip_learns_from_tfrecords_on_8_devices(reference_run):
         saved_config = json.load(f)
     assert ckpt.read_towers_config(workdir).text.vocab_size == saved_config["model"]["vocab_size"] == 300
     assert summary["best_step"] in (16, 32)
+
+
+@pytest.mark.slow  # a real training run
+def test_progress_reports_the_compiled_steps_flops_and_the_profile_window_writes_a_trace(reference_run):
+    workdir, _ = reference_run
+    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
+        perf = {r["step"]: r for r in map(json.loads, f) if "perf/examples_per_s" in r}
+    assert sorted(perf) == list(range(5, STEPS + 1, 5)) + [STEPS]  # every progress line (log.every_steps 5)
+    # TFLOP/s per chip = the compiled step's FLOPs per chip x steps per second: one constant ratio
+    flops = [r["perf/tflops_per_chip"] * 1e12 * 32 / r["perf/examples_per_s"] for r in perf.values()]
+    assert max(flops) == pytest.approx(min(flops), rel=1e-9) and 1e7 < flops[0] < 1e10
+    assert not any("perf/mfu" in r for r in perf.values())  # a CPU has no peak to hold it against (train/chips.py)
+    traces = list((pathlib.Path(workdir) / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_mfu_is_the_achieved_flops_over_the_chips_peak(tmp_path):
+    log = loop._MetricsLog(str(tmp_path), total_steps=10, global_batch=8, resumed_step=0)
+    log.flops_per_step, log.chip = 3e12, chips.chip("TPU v5 lite")
+    log.mark = (time.time() - 2.0, 0)
+    perf = log.throughput(4)  # 4 steps of 3 TFLOP in about 2 s
+    assert perf["perf/tflops_per_chip"] == pytest.approx(6.0, rel=0.05)
+    assert perf["perf/mfu"] == pytest.approx(6e12 / 197e12, rel=0.05)
+    log.close()
 
 
 @pytest.mark.slow  # kill and resume
@@ -104,7 +129,8 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_r
     assert sorted(train) == sorted(reference_train) == list(range(1, STEPS + 1))
     for step in train:
         for name, value in reference_train[step].items():
-            assert train[step][name] == pytest.approx(value, abs=1e-6), (step, name)
+            if not name.startswith("perf/"):  # throughput: measured, not reproduced
+                assert train[step][name] == pytest.approx(value, abs=1e-6), (step, name)
     _, towers = load_towers(str(workdir / "checkpoints" / str(STEPS)))
     _, reference_towers = load_towers(str(reference_dir / "checkpoints" / str(STEPS)))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), towers, reference_towers)
@@ -116,10 +142,10 @@ def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, t
         records, **{"model.mode": "clip_finetune", "num_train_steps": 8, "checkpoint.every_steps": 2,
                     "log.every_steps": 4, "eval.every_steps": 0, "checkpoint.async_save": False}))
     events, fetched_at = {}, []
-    real_make_train_step, real_fetch = loop.make_train_step, loop.fetch_metrics
+    real_compile, real_fetch = setup.TrainProgram.compile, loop.fetch_metrics
 
-    def make_train_step(*args, **kwargs):
-        real = real_make_train_step(*args, **kwargs)
+    def compile_step(*args, **kwargs):
+        real = real_compile(*args, **kwargs)
 
         def step(state, batch):
             state, metrics = real(state, batch)
@@ -129,12 +155,13 @@ def test_sigterm_saves_and_nan_stops_keeping_the_last_good_checkpoint(records, t
             if done == events.get("nan_at"):
                 metrics = dict(metrics, loss=jax.numpy.float32("nan"))
             return state, metrics
+        step.cost_analysis = real.cost_analysis
         return step
 
     def fetch_metrics(pending):  # the only place the host waits for the devices
         fetched_at.append(pending[-1][0])
         return real_fetch(pending)
-    monkeypatch.setattr(loop, "make_train_step", make_train_step)
+    monkeypatch.setattr(setup.TrainProgram, "compile", compile_step)
     monkeypatch.setattr(loop, "fetch_metrics", fetch_metrics)
 
     events["sigterm_at"] = 3

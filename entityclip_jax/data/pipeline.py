@@ -14,13 +14,15 @@ each host is padded with masked zero examples up to the same number of batches
 
 Batches: pixel_values [b, s, s, 3] float32 (CLIP-normalised) or uint8 with
 normalize_on_host=False (then normalise on device with preprocess.normalize),
-query_ids / explanation_ids [b, L] int32, id / label / headline [b] bytes
-(headline for zero-shot classification), mask [b] bool.
+query_ids / explanation_ids [b, L] int32, id / query / label / headline [b] bytes
+(query: the caption's text, for pages a person reads; headline for zero-shot
+classification), mask [b] bool.
 """
 import logging
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -112,6 +114,7 @@ def _process_share(shards, process_index, process_count):
 def _parse(context_length):
     import tensorflow as tf  # lazy: heavy; light code paths import this module
     spec = {"id": tf.io.FixedLenFeature([], tf.string),
+            "query": tf.io.FixedLenFeature([], tf.string),
             "image": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.string),
             "headline": tf.io.FixedLenFeature([], tf.string),
@@ -122,7 +125,8 @@ def _parse(context_length):
 
 def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, process_index=None,
                  process_count=None, random_crop=False, crop_scale=(0.08, 1.0), shuffle_buffer=4096,
-                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False, skip_batches=0):
+                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False, ids=None,
+                 skip_batches=0):
     """tf.data.Dataset of per-host dict batches (see the module doc).
 
     batch_size: examples per HOST (global batch = batch_size * process_count).
@@ -133,6 +137,8 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
       antialiasing below a 2x shrink (~3x cheaper, ~0.03 off CLIPImageProcessor;
       see preprocess.clip_preprocess). Keep it off for evaluation.
     skip_corrupt_shards: skip missing/truncated shards with a warning instead of failing.
+    ids: eval only: just the examples with these ids, found by reading each record's id
+      before decoding its image (no padding; the last batch may be smaller).
     skip_batches: train mode: start after this many batches, as if they had been taken, without
       decoding their images (a resumed run): their serialized records, and with random_crop their
       crop seeds, are dropped before the map that decodes.
@@ -160,7 +166,8 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
             random_crop_seed=crop_seed, crop_scale=crop_scale)
         return {"pixel_values": pixels, "query_ids": tf.cast(ex["query_ids"], tf.int32),
                 "explanation_ids": tf.cast(ex["explanation_ids"], tf.int32),
-                "id": ex["id"], "label": ex["label"], "headline": ex["headline"], "mask": tf.constant(True)}
+                "id": ex["id"], "query": ex["query"], "label": ex["label"], "headline": ex["headline"],
+                "mask": tf.constant(True)}
 
     autotune = tf.data.AUTOTUNE
     if train:
@@ -177,6 +184,15 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
             ds = tf.data.Dataset.zip(ds, seeds)
         ds = ds.skip(skip_batches * batch_size).map(example, num_parallel_calls=autotune)
         ds = ds.batch(batch_size, drop_remainder=True)
+    elif ids is not None:
+        ds = tf.data.TFRecordDataset(files)
+        if shard_examples:
+            ds = ds.shard(process_count, process_index)
+        wanted = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(sorted({str(i) for i in ids}), tf.string), tf.ones(len(set(ids)), tf.int32)), 0)
+        id_only = {"id": tf.io.FixedLenFeature([], tf.string)}
+        ds = (ds.filter(lambda s: wanted.lookup(tf.io.parse_single_example(s, id_only)["id"]) > 0)
+              .map(example, num_parallel_calls=autotune).batch(batch_size))
     else:
         ds = tf.data.TFRecordDataset(files)
         if shard_examples:
@@ -221,6 +237,16 @@ def numpy_batches(ds, source=None):
             raise EntityClipError(f"a record could not be decoded ({err.message}); the shard is damaged "
                                   "or was not written by write-records")
         yield batch
+
+
+def batch_shapes(batch_size, image_size, context_length, normalize_on_host=True):
+    """The arrays of one batch as to_global_arrays puts them on the devices (strings stay on the
+    host), as jax.ShapeDtypeStructs: what a step is compiled for without reading any data."""
+    pixels = jnp.float32 if normalize_on_host else jnp.uint8
+    return {"pixel_values": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), pixels),
+            "query_ids": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32),
+            "explanation_ids": jax.ShapeDtypeStruct((batch_size, context_length), jnp.int32),
+            "mask": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
 
 
 def to_global_arrays(batch, mesh, data_axis_names):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from entityclip_jax import storage
+from entityclip_jax.models.clip import CLIPModel
+from entityclip_jax.objective.batch_loss import token_mask
 from entityclip_jax.models.mmae import dense, layer_norm
 
 
@@ -26,6 +28,28 @@ def expert_attention(expert, X, E, e_mask=None):
     if e_mask is not None:
         logits = jnp.where(e_mask.astype(bool)[:, None, :], logits, -jnp.inf)
     return jax.nn.softmax(logits, axis=-1)
+
+
+def expert_words(clip_config, tower_params, heads, pixel_values, query_ids, explanation_ids, tokenizer, k=5):
+    """What each explanation expert reads in one example's explanation: [(image_words, query_words)],
+    one pair per expert, each the top k (word, attention mass) from the image patches and from the
+    query words (BOS and EOT left out). pixel_values [1, H, W, 3], query_ids / explanation_ids [1, L];
+    heads: an EntityCLIP run's head parameters (explanation_experts stacked over experts)."""
+    towers, variables = CLIPModel(clip_config), {"params": tower_params}
+    image = towers.apply(variables, pixel_values, method=CLIPModel.encode_image)
+    query = towers.apply(variables, query_ids, method=CLIPModel.encode_text)
+    explanation = towers.apply(variables, explanation_ids, method=CLIPModel.encode_text)
+    e_mask = token_mask(explanation.eot_index, explanation_ids.shape[1])
+    q_len = int(query.eot_index[0])
+    experts = heads["explanation_experts"]
+    out = []
+    for n in range(len(jax.tree.leaves(experts)[0])):
+        expert = jax.tree.map(lambda x: x[n], experts)
+        by_image = expert_attention(expert, image.tokens[:, 1:], explanation.tokens, e_mask)[0]
+        by_query = expert_attention(expert, query.tokens[:, 1:q_len], explanation.tokens, e_mask)[0]
+        out.append(tuple(top_words(word_scores(rows, explanation_ids[0], tokenizer), k)
+                         for rows in (by_image, by_query)))
+    return out
 
 
 def word_scores(attention_rows, ids, tokenizer):

@@ -52,6 +52,16 @@ def encode_dataset(batches, encode_image_fn, encode_text_fn=None, *, image_key="
     return image_embeds, text_embeds, np.concatenate(ids)[keep], labels
 
 
+def collecting(batches, key, sink):
+    """Yields the batches unchanged, appending each one's real rows of `key` (as str) to sink:
+    e.g. the captions, in the order encode_dataset keeps its rows."""
+    for batch in batches:
+        size = len(batch[key])
+        real = np.asarray(batch.get("mask", np.ones(size, bool)), bool).reshape(size)
+        sink.append(_strings(batch[key], size)[real])
+        yield batch
+
+
 def clip_encoders(model, params, mesh=None):
     """(encode_image_fn, encode_text_fn) -> L2-normalised [b, D] embeddings of the plain towers.
 

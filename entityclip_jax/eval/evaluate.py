@@ -2,8 +2,11 @@
 
 Whatever checkpoint kind the user has (training workdir, towers directory, Hugging Face
 directory, OpenAI-layout file): Recall@K both ways, and zero-shot news classification
-(the paper's Figure 5). The `entityclip eval` / `classify` commands call these.
+(the paper's Figure 5). With report=True also each query's top 5 and the HTML page of
+them (html_report.py), what `entityclip compare` reads. The `entityclip eval` / `classify`
+commands call these.
 """
+import dataclasses
 import os
 
 import numpy as np
@@ -14,9 +17,13 @@ from entityclip_jax.data.pipeline import make_dataset, numpy_batches
 from entityclip_jax.data.tokenizer import load_tokenizer
 from entityclip_jax.eval.classify import (DEFAULT_TEMPLATE, class_prompts, label_indices,
                                           write_classification_report, zero_shot_classify)
-from entityclip_jax.eval.encode import check_finite, clip_encoders, encode_dataset
+from entityclip_jax.eval.encode import check_finite, clip_encoders, collecting, encode_dataset
+from entityclip_jax.eval.html_report import (DEFAULT_ROWS, THUMBNAIL_LIMIT, TOP_K, images_on_page, rows_on_page,
+                                             write_report)
 from entityclip_jax.eval.report import write_retrieval_report
 from entityclip_jax.eval.retrieval import group_images_by_id, recall_metrics, retrieval_ranks
+from entityclip_jax.eval.retrieval_details import make_details, write_details
+from entityclip_jax.eval.thumbnails import record_thumbnails
 from entityclip_jax.hub import resolve_checkpoint
 from entityclip_jax.models.clip import CLIPModel
 
@@ -42,16 +49,37 @@ def encode_split(checkpoint, data_dir, split, batch_size, text_key="query_ids", 
     return images, texts, ids, labels, config
 
 
-def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chunk_size=1024, ties="pessimistic"):
-    """Recall@1/5/10/50/100, median and mean rank both ways; writes JSON, Markdown, PNG."""
-    images, texts, ids, _, _ = encode_split(checkpoint, data_dir, split, batch_size)
+def evaluate_retrieval(checkpoint, data_dir, split, out_dir, batch_size=64, chunk_size=1024, ties="pessimistic",
+                       report=False, report_rows=DEFAULT_ROWS):
+    """Recall@1/5/10/50/100, median and mean rank both ways; writes JSON, Markdown, PNG.
+
+    report: also the top 5 of every query (retrieval_details.npz, what `compare` reads) and
+    the HTML page of them (report.html), with thumbnails of the split's images (of just the
+    ones the page shows when the split has more than THUMBNAIL_LIMIT images).
+    """
+    captions = []
+    images, texts, ids, _, config = encode_split(checkpoint, data_dir, split, batch_size,
+                                                 transform=_collecting_captions(captions) if report else None)
     keep, text_to_image = group_images_by_id(ids)
-    metrics = recall_metrics(retrieval_ranks(images[keep], texts, text_to_image, chunk_size=chunk_size,
-                                                     ties=ties))
+    ranks = retrieval_ranks(images[keep], texts, text_to_image, chunk_size=chunk_size, ties=ties,
+                            top_k=TOP_K if report else 0)
+    metrics = recall_metrics(ranks)
     metrics["ties"] = ties
     metrics["checkpoint"], metrics["data"], metrics["split"] = str(checkpoint), str(data_dir), split
     paths = write_retrieval_report(metrics, out_dir, title=f"{split} of {os.path.basename(str(data_dir).rstrip('/'))}")
+    if report:
+        details = make_details(ranks, ids[keep], ids, np.concatenate(captions), text_to_image)
+        shown = rows_on_page(details, report_rows)
+        wanted = None if len(keep) <= THUMBNAIL_LIMIT else images_on_page(details, shown)
+        details = dataclasses.replace(details, thumbnails=record_thumbnails(
+            data_dir, split, config.vision.image_size, ids=wanted, batch_size=batch_size))
+        paths["details"] = write_details(details, out_dir)
+        paths["html"] = write_report(out_dir, metrics, details, max_rows=report_rows)
     return metrics, paths
+
+
+def _collecting_captions(sink):
+    return lambda batches, config: collecting(batches, "query", sink)
 
 
 def zero_shot_classification(checkpoint, data_dir, split, out_dir, tokenizer_path, class_names=None,

@@ -23,6 +23,12 @@ A collapsed model (all embeddings equal) scores R@1 = 100 optimistically and
 
 Median and mean rank are 1-based, as in the EntityCLIP release (util.py:
 median = floor(median(0-based ranks)) + 1, mean = mean(0-based ranks) + 1).
+
+What a person looks at (top_k > 0): each query's k best-scoring gallery items
+and their scores, found in the same pass, block by block, merged into a running
+top k per row and per column (still never N x N). Equal scores come back in
+gallery order: images by row; texts grouped by their image's row, then in input
+order (the order the pass visits them).
 """
 import jax
 import jax.numpy as jnp
@@ -34,17 +40,22 @@ DEFAULT_KS = (1, 5, 10, 50, 100)
 TIES = ("optimistic", "pessimistic")
 
 
-def retrieval_ranks(image_embeds, text_embeds, text_to_image, *, chunk_size=1024, ties="optimistic"):
+def retrieval_ranks(image_embeds, text_embeds, text_to_image, *, chunk_size=1024, ties="optimistic", top_k=0):
     """0-based rank of the best correct item per query, both directions.
 
     image_embeds [Ni, D], text_embeds [Nt, D] (compared by dot product: pass
     L2-normalised features for cosine similarity); text_to_image [Nt] int, the
     image row each text belongs to. Returns {"i2t_ranks": [Ni], "t2i_ranks": [Nt]}
-    as int64 NumPy arrays.
+    as int64 NumPy arrays. With top_k > 0 also, per direction d:
+      {d}_top [N, k] int64      the k best gallery items (text / image indices), best first
+      {d}_top_scores [N, k]     their scores
+      {d}_correct_scores [N]    the score of the best correct item (the one the rank is of)
+    with k = min(top_k, gallery size).
     """
     image_embeds, text_embeds, text_to_image = _checked(image_embeds, text_embeds, text_to_image, chunk_size, ties)
-    i2t, t2i = _ranks_one_pass(image_embeds, text_embeds, text_to_image, int(chunk_size), ties)
-    return {"i2t_ranks": i2t, "t2i_ranks": t2i}
+    if int(top_k) < 0:
+        raise EntityClipError(f"top_k must be 0 (ranks only) or a positive number of items, got {top_k}")
+    return _ranks_one_pass(image_embeds, text_embeds, text_to_image, int(chunk_size), ties, int(top_k))
 
 
 def recall_metrics(ranks, ks=DEFAULT_KS):
@@ -117,7 +128,7 @@ def _checked(image_embeds, text_embeds, text_to_image, chunk_size, ties):
     return image_embeds, text_embeds, text_to_image.astype(np.int32)
 
 
-def _ranks_one_pass(image_embeds, text_embeds, text_to_image, chunk_size, ties):
+def _ranks_one_pass(image_embeds, text_embeds, text_to_image, chunk_size, ties, top_k):
     """Both directions' ranks from one pass over the similarity matrix, a block of image rows at a time.
 
     Texts are put in the order of their images, so the captions of image block k
@@ -128,6 +139,7 @@ def _ranks_one_pass(image_embeds, text_embeds, text_to_image, chunk_size, ties):
       pass 2, block k: columns [end_k, Nt): by now every correct score is known.
     A row's correct scores always lie in pass 1's block, so each comparison is
     between two numbers of the same computed matrix and ties stay exact ties.
+    Each block also feeds the running top k of its rows and of its columns.
     """
     xp, matmul = _array_backend()
     num_images = image_embeds.shape[0]
@@ -143,6 +155,8 @@ def _ranks_one_pass(image_embeds, text_embeds, text_to_image, chunk_size, ties):
     i2t = np.zeros(num_images, np.int64)
     t2i = np.zeros(len(order), np.int64)
     image_best = []
+    i2t_top = _RunningTop(num_images, min(top_k, len(order)))            # over sorted text positions
+    t2i_top = _RunningTop(len(order), min(top_k, num_images))            # over image rows
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         scores = matmul(images[lo:hi], texts[:ends[k]])                    # [rows, end_k]
         # Correct scores, read from this block: each own caption's column, its image's row.
@@ -157,15 +171,68 @@ def _ranks_one_pass(image_embeds, text_embeds, text_to_image, chunk_size, ties):
         if pessimistic:   # a query's own correct items are not wrong items
             np.subtract.at(i2t, image_of[own], (own_scores >= best[image_of[own] - lo]).astype(np.int64))
             t2i[own] -= 1
+        i2t_top.add(slice(lo, hi), *_top_k(xp, scores, i2t_top.k), offset=0)
+        t2i_top.add(slice(0, ends[k]), *_top_k(xp, scores.T, t2i_top.k), offset=lo)
     for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         if ends[k] == len(order):
             continue
         scores = matmul(images[lo:hi], texts[ends[k]:])
         i2t[lo:hi] += _count_rows(xp, scores, image_best[k], pessimistic)
         t2i[ends[k]:] += _count_columns(xp, scores, text_best[ends[k]:], pessimistic)
-    t2i_ranks = np.empty_like(t2i)
-    t2i_ranks[order] = t2i
-    return i2t, t2i_ranks
+        i2t_top.add(slice(lo, hi), *_top_k(xp, scores, i2t_top.k), offset=ends[k])
+        t2i_top.add(slice(ends[k], len(order)), *_top_k(xp, scores.T, t2i_top.k), offset=lo)
+    unsort = np.empty_like(order)
+    unsort[order] = np.arange(len(order))                                # sorted position of each text
+    out = {"i2t_ranks": i2t, "t2i_ranks": t2i[unsort]}
+    if top_k:
+        out.update(i2t_top=order[i2t_top.index], i2t_top_scores=i2t_top.scores,
+                   i2t_correct_scores=np.concatenate(image_best),
+                   t2i_top=t2i_top.index[unsort], t2i_top_scores=t2i_top.scores[unsort],
+                   t2i_correct_scores=text_best[unsort])
+    return out
+
+
+class _RunningTop:
+    """The k best (score, index) of each of n rows so far; equal scores: the lower index first."""
+
+    def __init__(self, n, k):
+        self.k = k
+        self.scores = np.full((n, k), -np.inf, np.float32)
+        self.index = np.full((n, k), np.iinfo(np.int64).max, np.int64)
+
+    def add(self, rows, scores, index, offset):
+        """Merge a block's own top k (scores, index [r, k] best first, index local to the block)."""
+        if not self.k:
+            return
+        scores = np.concatenate([self.scores[rows], scores], axis=1)
+        index = np.concatenate([self.index[rows], index.astype(np.int64) + offset], axis=1)
+        best = np.lexsort((index, -scores), axis=1)[:, :self.k]
+        self.scores[rows] = np.take_along_axis(scores, best, axis=1)
+        self.index[rows] = np.take_along_axis(index, best, axis=1)
+
+
+def _top_k(xp, scores, k):
+    """(scores, column index) [rows, min(k, cols)] of each row's best columns, best first,
+    equal scores in column order. O(rows x cols): a selection, not a sort of the row."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.float32), np.zeros((scores.shape[0], 0), np.int64)
+    if xp is jnp:
+        values, index = jax.lax.top_k(scores, k)                 # lower index first among equals
+        return np.asarray(values), np.asarray(index)
+    scores = np.ascontiguousarray(scores)                   # columns (scores.T): select along memory
+    cut = scores.shape[1] - k
+    index = np.argpartition(scores, cut, axis=1)[:, cut:]   # some k best; ties at the k-th score: any of them
+    kth = np.take_along_axis(scores, index, axis=1).min(axis=1, keepdims=True)
+    crowded = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+    if crowded.size:   # more ties at the k-th score than places left: the first columns take them
+        above, tied = scores[crowded] > kth[crowded], scores[crowded] == kth[crowded]
+        need = k - above.sum(axis=1, keepdims=True)
+        chosen = above | (tied & (np.cumsum(tied, axis=1) <= need))
+        index[crowded] = np.nonzero(chosen)[1].reshape(len(crowded), k)
+    values = np.take_along_axis(scores, index, axis=1)
+    best = np.lexsort((index, -values), axis=1)
+    return np.take_along_axis(values, best, axis=1), np.take_along_axis(index, best, axis=1)
 
 
 def _count_rows(xp, scores, best, pessimistic):

@@ -6,6 +6,9 @@ The index is one .npz file:
   ids          [N] example ids
   fingerprint  hash of the model parameters that made the embeddings
   source       JSON: how the images were found ({"kind": "folder"|"records", ...})
+and, built from records, the captions, so an image can show its nearest ones:
+  texts        [Nt] the captions; text_ids [Nt] the example id of each (its image's id)
+  text_embeds  [Nt, D] their L2-normalised embeddings, in the dtype of `embeds`
 Queries must be embedded by the same model: query_index refuses a fingerprint
 that differs from the index's.
 """
@@ -35,6 +38,9 @@ class SearchIndex:
     ids: np.ndarray           # [N] str
     fingerprint: str
     source: dict
+    texts: np.ndarray = None          # [Nt] str, or None: the index holds no captions
+    text_ids: np.ndarray = None       # [Nt] str
+    text_embeds: np.ndarray = None    # [Nt, D]
 
 
 def model_fingerprint(params):
@@ -48,8 +54,11 @@ def model_fingerprint(params):
     return digest.hexdigest()[:16]
 
 
-def build_index(out_path, embeds, paths, *, ids=None, fingerprint="", source=None, dtype="float16"):
-    """Write the index file; embeddings are L2-normalised before storing. Returns its path."""
+def build_index(out_path, embeds, paths, *, ids=None, fingerprint="", source=None, dtype="float16", captions=None):
+    """Write the index file; embeddings are L2-normalised before storing. Returns its path.
+
+    captions: (texts [Nt], text_ids [Nt], text_embeds [Nt, D]) to store beside the images.
+    """
     embeds = np.asarray(embeds, np.float32)
     paths = np.asarray([str(p) for p in paths], dtype=str)
     ids = paths if ids is None else np.asarray([str(i) for i in ids], dtype=str)
@@ -58,16 +67,24 @@ def build_index(out_path, embeds, paths, *, ids=None, fingerprint="", source=Non
                               f"{len(paths)} paths, {len(ids)} ids")
     if dtype not in INDEX_DTYPES:
         raise EntityClipError(f"index dtype must be one of {INDEX_DTYPES}, got {dtype!r}")
-    norms = np.linalg.norm(embeds, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms) & (norms > 0)):
-        raise EntityClipError("some image embeddings are zero, NaN or inf; check the model and the images")
+    extra = {}
+    if captions is not None:
+        texts, text_ids, text_embeds = captions
+        text_embeds = np.asarray(text_embeds, np.float32)
+        if text_embeds.shape != (len(texts), embeds.shape[1]) or len(text_ids) != len(texts):
+            raise EntityClipError(f"need one embedding of width {embeds.shape[1]} and one id per caption; got "
+                                  f"{len(texts)} captions, {len(text_ids)} ids, embeds {text_embeds.shape}")
+        extra = dict(texts=np.asarray([str(t) for t in texts], dtype=str),
+                     text_ids=np.asarray([str(i) for i in text_ids], dtype=str),
+                     text_embeds=_unit_rows(text_embeds, "caption").astype(dtype))
+    embeds = _unit_rows(embeds, "image")
     out_path = storage.path(out_path)
     if out_path.suffix != ".npz":
         raise EntityClipError(f"the index file name must end in .npz, got {out_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, embeds=(embeds / norms).astype(dtype), paths=paths, ids=ids,
-             fingerprint=np.array(fingerprint), source=np.array(json.dumps(source or {})))
+    np.savez(buffer, embeds=embeds.astype(dtype), paths=paths, ids=ids,
+             fingerprint=np.array(fingerprint), source=np.array(json.dumps(source or {})), **extra)
     out_path.write_bytes(buffer.getvalue())  # one whole write: atomic on gs://, and np.savez cannot open gs://
     return out_path
 
@@ -79,8 +96,10 @@ def load_index(path):
         raise EntityClipError(f"index {path} does not exist; build it with `entityclip search-index`")
     try:
         with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
+            captions = {name: data[name] for name in ("texts", "text_ids", "text_embeds") if name in data}
             return SearchIndex(embeds=data["embeds"], paths=data["paths"], ids=data["ids"],
-                               fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])))
+                               fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])),
+                               **captions)
     except (KeyError, ValueError, OSError) as err:
         raise EntityClipError(f"{path} is not a search index ({err}); rebuild it with `entityclip search-index`")
 
@@ -91,6 +110,12 @@ def query_index(index, text_embeds, k=5, *, fingerprint=None):
     text_embeds [Q, D] or [D]. Pass the query model's fingerprint to have a
     mismatch with the index refused.
     """
+    rows, scores = query_rows(index, text_embeds, k, fingerprint=fingerprint)
+    return index.paths[rows], scores
+
+
+def query_rows(index, text_embeds, k=5, *, fingerprint=None):
+    """query_index's hits as index rows: (rows [Q, k] int, scores [Q, k] cosine), best first."""
     if fingerprint is not None and index.fingerprint and fingerprint != index.fingerprint:
         raise EntityClipError(f"the index was built by model {index.fingerprint}, the queries come from model "
                               f"{fingerprint}; rebuild the index with this checkpoint (`entityclip search-index`)")
@@ -103,7 +128,23 @@ def query_index(index, text_embeds, k=5, *, fingerprint=None):
     if not np.isfinite(index.embeds).all():
         raise EntityClipError("the index holds NaN or inf embeddings; rebuild it with `entityclip search-index`")
     queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    scores = queries @ index.embeds.astype(np.float32).T                     # [Q, N]
+    return best_rows(queries @ index.embeds.astype(np.float32).T, k)     # [Q, N] scores
+
+
+def nearest_captions(index, row, k=5):
+    """The k captions nearest to image `row` of the index: (caption rows [k], cosine scores [k]), best first."""
+    if index.text_embeds is None:
+        raise EntityClipError("this index holds no captions; build it from records (`entityclip search-index "
+                              "--records ...`) to see an image's nearest captions")
+    if not 0 <= int(row) < len(index.embeds):
+        raise EntityClipError(f"no image row {row} in this index of {len(index.embeds)} images")
+    scores = index.embeds[int(row)].astype(np.float32) @ index.text_embeds.astype(np.float32).T
+    top, top_scores = best_rows(scores[None, :], k)
+    return top[0], top_scores[0]
+
+
+def best_rows(scores, k):
+    """(indices, scores) [Q, k] of each row's k highest scores, best first; ties in index order."""
     k = min(int(k), scores.shape[1])
     if k < 1:
         raise EntityClipError(f"k must be at least 1, got {k}")
@@ -113,7 +154,7 @@ def query_index(index, text_embeds, k=5, *, fingerprint=None):
     top_scores = np.take_along_axis(scores, top, axis=1)
     order = np.lexsort((top, -top_scores), axis=1)
     top = np.take_along_axis(top, order, axis=1)
-    return index.paths[top], np.take_along_axis(scores, top, axis=1)
+    return top, np.take_along_axis(scores, top, axis=1)
 
 
 def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=192, columns=5):
@@ -140,13 +181,20 @@ def contact_sheet(images, scores, query, out_png, *, captions=None, thumb_size=1
     for n, (image, score, caption) in enumerate(zip(images, scores, captions)):
         left = pad + (n % columns) * (thumb_size + pad)
         top = title_h + (n // columns) * (thumb_size + caption_h + pad)
-        sheet.paste(_thumbnail(image, thumb_size), (left, top))
+        sheet.paste(thumbnail(image, thumb_size), (left, top))
         draw.text((left, top + thumb_size + 2), f"#{n + 1}  score {float(score):.3f}", fill="black", font=font)
         draw.text((left, top + thumb_size + 18), _fit(caption, thumb_size // 7), fill="dimgray", font=font)
     storage.path(out_png).parent.mkdir(parents=True, exist_ok=True)
     with storage.open(out_png, "wb") as f:  # a file object: PIL would open a gs:// name locally
         sheet.save(f, format="PNG")
     return str(out_png)
+
+
+def _unit_rows(embeds, what):
+    norms = np.linalg.norm(embeds, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms) & (norms > 0)):
+        raise EntityClipError(f"some {what} embeddings are zero, NaN or inf; check the model and the inputs")
+    return embeds / norms
 
 
 def find_images(directory):
@@ -185,7 +233,8 @@ def image_folder_batches(paths, image_size, batch_size):
         }
 
 
-def _thumbnail(image, size):
+def thumbnail(image, size):
+    """A size x size RGB tile of the image, letterboxed; one that cannot be opened says so."""
     try:
         if isinstance(image, (str, os.PathLike)):
             with storage.open(image, "rb") as f, Image.open(f) as opened:

@@ -26,6 +26,7 @@ and the preemption sync manager picks the one step at which every process stops
 """
 import importlib.util
 import logging
+import os
 import signal
 
 import jax
@@ -37,9 +38,30 @@ log = logging.getLogger(__name__)
 EXPLICIT = ("coordinator_address", "num_processes", "process_id")
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # the vendor id of TPU chips on a TPU VM's PCI bus
+PCI_DEVICES = "/sys/bus/pci/devices"  # not a user path: the kernel's view of the hardware
+
+
+def _tpu_chips_attached():
+    """True when a Google (TPU) device sits on this machine's PCI bus, as on every TPU VM."""
+    try:
+        devices = os.listdir(PCI_DEVICES)  # not a user path: sysfs
+    except OSError:  # no sysfs (not Linux, a sandbox)
+        return False
+    for device in devices:
+        try:
+            with open(os.path.join(PCI_DEVICES, device, "vendor")) as f:  # not a user path: sysfs
+                if f.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _tpu_host():
-    """A TPU VM: jax[tpu] installs libtpu there (checked without starting a backend)."""
-    return importlib.util.find_spec("libtpu") is not None
+    """A TPU VM: libtpu installed AND TPU chips attached, which is how JAX itself tells one (checked
+    without starting a backend). libtpu alone, e.g. installed on a laptop to plan, is not one."""
+    return importlib.util.find_spec("libtpu") is not None and _tpu_chips_attached()
 
 
 def _cluster_environment(environ):

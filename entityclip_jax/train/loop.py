@@ -5,6 +5,11 @@ step through the data; validate and checkpoint on schedule. Process 0 writes
 the logs (stdout, TensorBoard, WORKDIR/metrics.jsonl with one line per step);
 every process takes part in the steps and the (collective) checkpoint saves.
 
+Each progress line also reports the throughput since the last one: examples/s
+and, from the compiled step's own FLOP count, TFLOP/s per chip and the MFU
+against the chip's peak (train/chips.py; left out where the peak is unknown,
+e.g. on CPU). config.profile traces a window of steps (train/profiling.py).
+
 The host never waits for the devices between steps: the next batches are
 already on the devices (data.prefetch_to_device) and each step's metrics stay
 there until a log, validation or checkpoint step fetches all of them at once.
@@ -30,11 +35,9 @@ from entityclip_jax.checkpoints.model_init import describe_init, init_entityclip
 from entityclip_jax.config import check_devices, model_from_config, validate_config
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
-from entityclip_jax.parallel import sharding
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import compilation_cache, distributed, input_stream, optimizer
-from entityclip_jax.train.state import abstract_state, create_train_state, state_specs
-from entityclip_jax.train.step import make_train_step
+from entityclip_jax.train import chips, compilation_cache, distributed, input_stream, optimizer, profiling, setup
+from entityclip_jax.train.state import create_train_state
 from entityclip_jax.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,8 @@ class _MetricsLog:
         if self.primary:  # a resumed run rewrites the steps after its checkpoint: drop the killed run's lines
             self.lines.truncate_after(resumed_step)
         self.mark = (time.time(), resumed_step)
+        self.flops_per_step = None  # per device, from the compiled step (set once it is compiled)
+        self.chip = chips.chip(jax.devices()[0].device_kind)
 
     def record(self, rows):
         """[(step, metrics)], one line each."""
@@ -80,16 +85,33 @@ class _MetricsLog:
                 self.lines.append({"step": int(step), **{k: float(v) for k, v in metrics.items()}})
 
     def write(self, step, metrics, progress=False):
+        """To TensorBoard; with progress=True process 0 also prints the progress line."""
         self.writer.write_scalars(int(step), metrics)
         if not (self.primary and progress):
             return
-        now, (then, then_step) = time.time(), self.mark
-        rate = (step - then_step) * self.global_batch / max(now - then, 1e-9)
-        eta = (self.total_steps - step) * (now - then) / max(step - then_step, 1)
+        eta = (self.total_steps - step) * metrics["perf/seconds_per_step"]
         terms = " ".join(f"{k} {metrics[k]:.4f}" for k in ("loss", "vtc", "itm", "vtc_experts") if k in metrics)
-        print(f"step {step}/{self.total_steps} {terms} | {rate:.1f} examples/s | "
+        speed = f"{metrics['perf/examples_per_s']:.1f} examples/s"
+        if "perf/tflops_per_chip" in metrics:
+            speed += f", {metrics['perf/tflops_per_chip']:.3g} TFLOP/s per chip"
+        if "perf/mfu" in metrics:
+            speed += f", MFU {100 * metrics['perf/mfu']:.1f}% of {self.chip.name}"
+        print(f"step {step}/{self.total_steps} {terms} | {speed} | "
               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    def throughput(self, step):
+        """perf/* over the steps since the last call (the last progress line): examples/s, seconds
+        per step and, from the compiled step's own FLOPs (XLA's count, rematerialised recompute
+        included), TFLOP/s per chip and MFU against the chip's peak (chips.py; none without one)."""
+        now, (then, then_step) = time.time(), self.mark
         self.mark = (now, step)
+        seconds, steps = max(now - then, 1e-9), max(step - then_step, 1)
+        perf = {"perf/examples_per_s": steps * self.global_batch / seconds, "perf/seconds_per_step": seconds / steps}
+        if self.flops_per_step is not None:
+            perf["perf/tflops_per_chip"] = self.flops_per_step * steps / seconds / 1e12
+            if self.chip is not None:
+                perf["perf/mfu"] = self.flops_per_step * steps / seconds / self.chip.peak_bf16_flops
+        return perf
 
     def close(self):
         self.writer.flush()
@@ -111,7 +133,7 @@ def _check_data_fits(config, workdir):
 
 def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, data_checked,
            allow_config_change=False):
-    """(model, tx, schedule, state shardings, state, step): fresh from the config, or the latest checkpoint."""
+    """(TrainProgram, state, step): fresh from the config, or the latest checkpoint."""
     resume_step = checkpointer.latest_step()
     if resume_step is None:
         model, params = init_entityclip(jax.random.key(config.seed), config)
@@ -125,19 +147,14 @@ def _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, dat
         model, params = model_from_config(config, run_format.read_towers_config(workdir)), None
         shapes = abstract_params(model)
     run_tokenizer.record_run_tokenizer(workdir, config, model.clip.text)
-    tx = optimizer.make_optimizer(config.optimizer, total_steps, shapes)
-    schedule = optimizer.learning_rate_schedule(config.optimizer, total_steps)
-    abstract = abstract_state(shapes, tx)
-    shardings = sharding.to_shardings(
-        state_specs(abstract, mesh, config.sharding.rules, config.sharding.fsdp_min_size), mesh)
+    program = setup.train_program(config, model, shapes, mesh, total_steps)
     if resume_step is None:
-        return model, tx, schedule, shardings, create_train_state(params, tx, shardings), 0
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, saved_position, resume_step = checkpointer.restore_latest_intact(target)
+        return program, create_train_state(params, program.tx, program.state_shardings), 0
+    state, saved_position, resume_step = checkpointer.restore_latest_intact(program.sharded_state())
     input_stream.check_position(saved_position, steps_in_epoch, config)
     run_config.accept_resume_config(workdir, config, resume_step, allow_config_change)
     log.info("resumed from %s at step %d", checkpointer.directory, resume_step)
-    return model, tx, schedule, shardings, state, resume_step
+    return program, state, resume_step
 
 
 def train(config, workdir, allow_config_change=False):
@@ -148,14 +165,16 @@ def train(config, workdir, allow_config_change=False):
     distributed.initialize(config.distributed, os.environ)  # before JAX's backend starts (device count)
     check_devices(config, jax.device_count())
     workdir = storage.absolute(workdir)
-    compilation_cache.use(config, workdir)  # before anything compiles
     mesh = make_mesh(config.mesh)
     steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
+    optimizer.learning_rate_schedule(config.optimizer, total_steps)  # refuses a warmup as long as the run, now
     data_checked = _check_data_fits(config, workdir)
+    compilation_cache.use(config, workdir)  # before anything compiles, after every check
     checkpointer = run_format.Checkpointer(workdir, config.checkpoint)
-    model, tx, schedule, shardings, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch,
-                                                         total_steps, data_checked, allow_config_change)
+    program, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, data_checked,
+                                  allow_config_change)
+    model = program.model
 
     validate = Validator(model, config, mesh)
     eval_every = steps_in_epoch if config.eval.every_steps < 0 else config.eval.every_steps
@@ -173,15 +192,17 @@ def train(config, workdir, allow_config_change=False):
     train_step = None
     pending = []  # (step, metrics still on the devices)
     preemption = distributed.Preemption()
+    profile = profiling.ProfileWindow(config.profile, workdir)
     try:
         while step < total_steps:
             batch = next(batches)
             if train_step is None:  # compiled once, on the first batch's shapes
-                batch_shardings = sharding.batch_shardings(mesh, batch)
-                train_step = make_train_step(model, tx, schedule, mesh, shardings, batch_shardings,
-                                             seed=config.seed, accumulation_steps=config.accumulation_steps)
+                train_step = program.compile(state, batch)
+                metrics_log.flops_per_step = setup.flops_per_device(train_step)
+            profile.before_step(step + 1)
             state, metrics = train_step(state, batch)
             step += 1
+            profile.after_step(step, state)
             pending.append((step, metrics))
             log_now = step % config.log.every_steps == 0 or step == total_steps
             validate_now = bool(eval_every) and (step % eval_every == 0 or step == total_steps)
@@ -193,6 +214,8 @@ def train(config, workdir, allow_config_change=False):
             # so a NaN state is never validated or saved.
             rows, bad = fetch_metrics(pending)
             pending = []
+            if log_now and bad is None:  # the progress line's throughput, kept in its step's own line
+                rows[-1] = (step, {**rows[-1][1], **metrics_log.throughput(step)})
             metrics_log.record(rows)
             if bad is not None:
                 checkpointer.wait()
@@ -224,6 +247,7 @@ def train(config, workdir, allow_config_change=False):
         checkpointer.wait()
         summary["best_step"] = checkpointer.best_step()
     finally:
+        profile.stop()
         preemption.restore()
         checkpointer.wait()
         checkpointer.close()
