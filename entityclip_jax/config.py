@@ -108,6 +108,10 @@ def default_config():
     # A jax.profiler trace of num_steps steps from first_step on (step 1 is the first) into
     # WORKDIR/profile, for TensorBoard's profile tab (train/profiling.py); num_steps=0: none.
     c.profile = _section(first_step=10, num_steps=0)
+    # JAX's persistent compilation cache (train/compilation_cache.py), so a resume does not compile
+    # the step again: "auto" = WORKDIR/compilation_cache on TPU and GPU, none on CPU; "" = none;
+    # or a directory, local or gs://. Off with several CPU devices per process (an XLA:CPU hazard).
+    c.compilation_cache_dir = "auto"
     # Several processes (train/distributed.py): whether jax.distributed.initialize runs.
     #   "auto": on a TPU VM (single host or pod) and under SLURM / Open MPI with several tasks,
     #     jax.distributed.initialize() with JAX's own cluster detection; on GPU hosts without a

@@ -16,7 +16,7 @@ Object storage has no rename and no append, so:
     appears whole when its upload is closed, so a plain write is already atomic;
   * directories that must appear complete (records, exports) get a marker file
     written last (entityclip_meta.json, the export marker), never a rename;
-  * append (metrics.jsonl): see JsonLines;
+  * append (metrics.jsonl): one new object per flush, see JsonLines;
   * exclusive ownership (train's workdir lease): a generation precondition on gs://
     (write_object_if), an flock on a local disk (lock_file).
 
@@ -271,36 +271,59 @@ def _json_object(line):
 
 
 class JsonLines:
-    """An append-only JSON-lines file (metrics.jsonl) that works on object storage too.
+    """A step-ordered JSON-lines log (metrics.jsonl): records are dicts with an int "step",
+    appended in non-decreasing step order; works on object storage too.
 
-    Locally each record is appended at once. gs:// cannot append (gcsfs's "a" mode silently
-    overwrites), so the lines are kept in memory and the whole object is rewritten at most every
-    `flush_seconds` and at flush()/close(); a crash loses at most that much of the log."""
+    Locally: the file p, each record appended at once.
+    On gs:// (no append; gcsfs's "a" mode silently overwrites): the folder p without its suffix
+    (gs://b/run/metrics.jsonl -> gs://b/run/metrics/) holds one piece per flush, named by the first
+    step it holds (000000123.jsonl) and holding only the lines since the flush before, so the
+    bytes uploaded are the log's bytes, once. Lines are held in memory until a flush: at most every
+    `flush_seconds` (between steps, so a step's lines share a piece) and at flush()/close(); a
+    crash loses at most that much of the log. read() joins the pieces in step order.
+
+    truncate_after(step) drops the records after `step` (a resumed run rewrites those steps):
+    locally by rewriting the file; on gs:// by deleting the pieces that start after it and
+    rewriting the one piece that runs past it, whatever the log's length."""
 
     def __init__(self, p, flush_seconds=30.0):
         self.path = path(p)
         self.remote = is_remote(self.path)
+        self.pieces = self.path.parent / self.path.stem  # remote: the folder of pieces
         self.flush_seconds = flush_seconds
-        self._lines = None  # remote: every line of the file, loaded on first use
-        self._dirty, self._flushed_at = False, time.monotonic()
+        self._pending = []  # remote: the lines since the last flush
+        self._last_piece = None  # remote: (name, lines) of the piece this writer wrote last
+        self._flushed_at = time.monotonic()
 
     def read(self):
         """Every record, in order; a line that is not a JSON object (torn by a kill or a full disk) is left out."""
-        if self._lines is not None:
-            return [json.loads(line) for line in self._lines]
-        if not self.path.exists():
-            return []
-        text = self.path.read_bytes().decode("utf-8", errors="replace")
-        return [record for record in map(_json_object, text.splitlines()) if record is not None]
+        if not self.remote:
+            text = self.path.read_bytes().decode("utf-8", errors="replace") if self.path.exists() else ""
+            lines = text.splitlines()
+        else:
+            lines = [line for name in self._piece_names() for line in self._piece_lines(name)] + self._pending
+        return [record for record in map(_json_object, lines) if record is not None]
 
-    def keep(self, predicate):
-        """Rewrites the file with only the records for which predicate(record) holds."""
-        kept = [json.dumps(record) for record in self.read() if predicate(record)]
-        if self.remote:
-            self._lines, self._dirty = kept, True
-            self.flush()
-        elif kept or self.path.exists():
-            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+    def truncate_after(self, step):
+        """Drops the records whose step is after `step`."""
+        if not self.remote:
+            if self.path.exists():
+                kept = [record for record in self.read() if record["step"] <= step]
+                write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            return
+        self.flush()
+        names = self._piece_names()
+        for name in names:
+            if self._first_step(name) > step:
+                (self.pieces / name).unlink()
+        self._last_piece = None
+        earlier = [name for name in names if self._first_step(name) <= step]
+        if earlier:  # only the last piece that starts by `step` can hold steps after it
+            lines = self._piece_lines(earlier[-1])
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            if kept != lines:
+                (self.pieces / earlier[-1]).write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            self._last_piece = (earlier[-1], kept)  # more lines of its first step go into it
 
     def append(self, record):
         line = json.dumps(record)
@@ -308,22 +331,37 @@ class JsonLines:
             with self.path.open("a") as f:
                 f.write(line + "\n")
             return
-        if self._lines is None:
-            self._lines = [json.dumps(r) for r in self.read()]
-        self._lines.append(line)
-        self._dirty = True
-        if time.monotonic() - self._flushed_at >= self.flush_seconds:
+        last = json.loads(self._pending[-1])["step"] if self._pending else None
+        if record["step"] != last and time.monotonic() - self._flushed_at >= self.flush_seconds:
             self.flush()
+        self._pending.append(line)
 
     def flush(self):
-        if self.remote and self._dirty:
-            self.path.write_text("".join(line + "\n" for line in self._lines), encoding="utf-8")
-            self._dirty = False
+        if self.remote and self._pending:
+            first = json.loads(self._pending[0])["step"]
+            name, lines = f"{first:09d}.jsonl", self._pending
+            if self._last_piece and self._last_piece[0] == name:  # a step flushed, then logged again
+                lines = self._last_piece[1] + lines
+            (self.pieces / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            self._last_piece, self._pending = (name, lines), []
         self._flushed_at = time.monotonic()
 
     def close(self):
         self.flush()
 
+    def _piece_names(self):
+        """The pieces' names in step order."""
+        if not self.pieces.exists():
+            return []
+        names = [name for name in listdir(self.pieces) if name.endswith(".jsonl") and name.split(".")[0].isdigit()]
+        return sorted(names, key=self._first_step)
+
+    def _piece_lines(self, name):
+        return [line for line in (self.pieces / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    @staticmethod
+    def _first_step(name):
+        return int(name.split(".")[0])
 
 # ---- exclusive ownership: conditional writes on gs://, locks on a local disk
 

@@ -74,24 +74,36 @@ class Emulator:
     def __init__(self, url, env):
         self.url, self.env = url, env
 
-    def make_bucket(self, name):
+    def make_bucket(self, name, versioning=False):
+        """versioning: the bucket keeps every generation of every object, overwritten or deleted
+        (see uploads)."""
         request = urllib.request.Request(f"{self.url}/storage/v1/b?project=test", method="POST",
-                                         data=json.dumps({"name": name}).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         data=json.dumps({"name": name, "versioning": {"enabled": versioning}})
+                                         .encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
             response.read()
         return f"gs://{name}"
 
     def objects(self, bucket):
         """Every object name in the bucket, read straight from the emulator's JSON API."""
-        names, token = [], ""
+        return [item["name"] for item in self._items(bucket)]
+
+    def uploads(self, bucket, prefix=""):
+        """[(name, size)] of every object ever written under prefix, in upload order, overwritten and
+        deleted ones too: the bucket must have been made with versioning=True."""
+        items = sorted(self._items(bucket, versions=True), key=lambda item: int(item["generation"]))
+        return [(item["name"], int(item["size"])) for item in items if item["name"].startswith(prefix)]
+
+    def _items(self, bucket, versions=False):
+        items, token = [], ""
         while True:
-            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?pageToken={token}") as response:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?pageToken={token}"
+                                        f"&versions={str(versions).lower()}") as response:
                 page = json.load(response)
-            names += [item["name"] for item in page.get("items", [])]
+            items += page.get("items", [])
             token = page.get("nextPageToken")
             if not token:
-                return names
+                return items
 
 
 @contextlib.contextmanager

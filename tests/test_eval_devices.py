@@ -9,7 +9,6 @@ from entityclip_jax.errors import EntityClipError
 from entityclip_jax.eval.encode import clip_encoders, encode_dataset
 from entityclip_jax.models.clip import CLIPModel, init_params
 from entityclip_jax.models.clip_config import PRESETS
-from entityclip_jax.parallel import sharding
 from entityclip_jax.parallel.mesh import make_mesh
 from entityclip_jax.train.validation import Validator, validation_vtc_loss
 from tests._tiny_training import random_batch, tiny_config, tiny_model

@@ -52,6 +52,16 @@ def _read(emulator, name):
         return response.read()
 
 
+def _read_metrics(emulator, workdir):
+    """The run's metrics.jsonl through its one reader, in a process with the emulator variables."""
+    read = ("import json, sys; from entityclip_jax.train.loop import read_metrics; "
+            "print(json.dumps(read_metrics(sys.argv[1])))")
+    done = subprocess.run([sys.executable, "-c", read, workdir], env=_env(emulator), cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def test_records_train_kill_resume_eval_export_all_on_gcs(emulator, tmp_path):
     from entityclip_jax.data.synthetic import write_synthetic_dataset
     from entityclip_jax.data.tokenizer import load_tokenizer
@@ -102,8 +112,9 @@ def test_records_train_kill_resume_eval_export_all_on_gcs(emulator, tmp_path):
     output = _entityclip(emulator, *train)  # the same command resumes
     assert f"resumed from step {killed_at}" in output, output[-3000:]
     objects = emulator.objects(BUCKET)
-    steps = [json.loads(line)["step"] for line in _read(emulator, "run/metrics.jsonl").decode().splitlines()]
+    steps = [record["step"] for record in _read_metrics(emulator, workdir)]
     assert steps == list(range(1, 7))  # the killed run's lines after its checkpoint were dropped, none lost
+    assert any(name.startswith("run/metrics/") for name in objects) and "run/metrics.jsonl" not in objects
     for name in (TRAIN_CONFIG, TOWERS_CONFIG, RUN_TOKENIZER, "configs/train_config.0.json"):
         assert f"run/{name}" in objects, name
     assert "run/checkpoints/6/commit_success.txt" in objects

@@ -6,7 +6,6 @@ import pathlib
 import subprocess
 import sys
 import urllib.error
-import urllib.parse
 import urllib.request
 
 import numpy as np
@@ -56,7 +55,7 @@ def test_local_atomic_write_replace_and_json_lines(tmp_path):
     for step in (1, 2, 3):
         lines.append({"step": step})
     assert [json.loads(line)["step"] for line in (tmp_path / "m.jsonl").read_text().splitlines()] == [1, 2, 3]
-    storage.JsonLines(tmp_path / "m.jsonl").keep(lambda record: record["step"] <= 2)
+    storage.JsonLines(tmp_path / "m.jsonl").truncate_after(2)
     assert storage.JsonLines(tmp_path / "m.jsonl").read() == [{"step": 1}, {"step": 2}]
     with open(tmp_path / "m.jsonl", "ab") as f:  # a kill -9 or a full disk mid-append: a torn last line
         f.write(b'{"step": 3, "lo\xc3')
@@ -69,12 +68,6 @@ from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.data.explanation_cache import CacheWriter
 root, local = sys.argv[1], sys.argv[2]
-lines = storage.JsonLines(storage.join(root, "metrics.jsonl"), flush_seconds=3600)
-lines.append({"step": 1}); lines.append({"step": 2})
-assert not storage.path(root).joinpath("metrics.jsonl").exists()   # held until a flush: gs:// cannot append
-lines.flush(); lines.append({"step": 3}); lines.close()
-again = storage.JsonLines(storage.join(root, "metrics.jsonl"))
-again.keep(lambda r: r["step"] != 2); again.append({"step": 4}); again.close()
 storage.write_json_atomic(storage.join(root, "run", "a.json"), {"x": 1})
 storage.copy(storage.join(root, "run", "a.json"), local + "/a.json")          # gs:// -> local
 storage.copy(local + "/a.json", storage.join(root, "run", "deep", "b.json"))  # local -> gs://
@@ -95,18 +88,65 @@ def test_storage_on_the_emulator(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads(done.stdout.splitlines()[-1])
         objects = sorted(emulator.objects("unit"))
-        metrics = [json.loads(line) for line in gcs_read(emulator, "unit", "r/metrics.jsonl").splitlines()]
-    assert metrics == [{"step": 1}, {"step": 3}, {"step": 4}]
-    assert objects == ["r/aside/run/c.json", "r/aside/run/deep/b.json", "r/metrics.jsonl"]
+    assert objects == ["r/aside/run/c.json", "r/aside/run/deep/b.json"]
     assert result == {"downloaded": ["c.json", "deep/b.json"], "size": len(json.dumps({"x": 1}, indent=2)) + 1,
                       "run_exists": False}
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
 
 
-def gcs_read(emulator, bucket, name):
-    with urllib.request.urlopen(f"{emulator.url}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
-                                "?alt=media") as response:
-        return response.read().decode()
+METRICS_ON_GCS = r"""
+import json, sys
+from entityclip_jax import storage
+root, intervals, per_interval = sys.argv[1], int(sys.argv[2]), 5
+log = storage.JsonLines(root + "/metrics.jsonl", flush_seconds=3600)
+for step in range(1, intervals * per_interval + 1):
+    log.append({"step": step, "loss": 1 / step})
+    if step == 1:
+        log.append({"step": 1, "val/vtc_loss": 0.5})
+    if step % per_interval == 0:
+        assert step > per_interval or not storage.path(root + "/metrics").exists()  # held until a flush
+        log.flush()   # a checkpoint, or flush_seconds gone by
+log.close()
+written = storage.JsonLines(root + "/metrics.jsonl").read()
+resumed = storage.JsonLines(root + "/metrics.jsonl", flush_seconds=0)   # resumes at step 7, mid-piece
+resumed.truncate_after(7)
+for step in range(8, 13):
+    resumed.append({"step": step, "loss": 2.0})
+resumed.close()
+print(json.dumps({"written": written, "resumed": storage.JsonLines(root + "/metrics.jsonl").read()}))
+"""
+
+
+def test_metrics_on_gcs_upload_each_line_once_and_a_resume_drops_the_later_lines(tmp_path):
+    lines = {}
+    with gcs_emulator.running(tmp_path) as emulator:
+        emulator.make_bucket("metrics", versioning=True)  # keeps every upload, overwritten or deleted
+        for intervals in (2, 8):
+            done = subprocess.run([sys.executable, "-c", METRICS_ON_GCS, f"gs://metrics/run{intervals}",
+                                   str(intervals)], capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT)})
+            assert done.returncode == 0, done.stderr[-3000:]
+            lines[intervals] = json.loads(done.stdout.splitlines()[-1])
+        uploads = {n: emulator.uploads("metrics", f"run{n}/") for n in lines}
+        remaining = sorted(emulator.objects("metrics"))
+    for intervals, result in lines.items():
+        written = result["written"]
+        assert [r["step"] for r in written] == [1, 1, *range(2, intervals * 5 + 1)]
+        assert written[0] == {"step": 1, "loss": 1.0} and written[1] == {"step": 1, "val/vtc_loss": 0.5}
+        log_bytes = sum(len(json.dumps(record)) + 1 for record in written)
+        # One object per interval, each line uploaded once: the bytes grow with the log, not its square.
+        first_run = uploads[intervals][:intervals]
+        assert [name for name, _ in first_run] == [f"run{intervals}/metrics/{5 * i + 1:09d}.jsonl"
+                                                   for i in range(intervals)]
+        assert sum(size for _, size in first_run) == log_bytes
+        # The resume keeps steps 1..7, drops 8..: the pieces starting after 7 deleted, the one holding 7 cut.
+        assert result["resumed"] == written[:8] + [{"step": step, "loss": 2.0} for step in range(8, 13)]
+        resume_uploads = uploads[intervals][intervals:]
+        assert resume_uploads[0] == (f"run{intervals}/metrics/000000006.jsonl",
+                                     sum(len(json.dumps(record)) + 1 for record in written[6:8]))
+        assert [name for name, _ in resume_uploads[1:]] == [f"run{intervals}/metrics/{s:09d}.jsonl"
+                                                            for s in range(8, 13)]
+    assert len(remaining) == 2 * 7 and all(name.endswith(".jsonl") for name in remaining)
 
 
 def test_the_proxy_refuses_every_host_but_googleapis(tmp_path):

@@ -200,7 +200,7 @@ def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokeni
     # ("broken", the second "p0") loses its note: the notes and the summary count written records.
     noted = sorted(n["id"] for n in train["skipped"]["notes"])
     assert noted == sorted(set(good_ids) - {"p1"})
-    assert f"skipped 3 " in summary and f"empty explanations {len(good_ids) - 1}" in summary, summary
+    assert "skipped 3 " in summary and f"empty explanations {len(good_ids) - 1}" in summary, summary
 
     ds = make_dataset(out, "train", batch_size=2, image_size=32, train=False, process_index=0, process_count=1)
     batches = list(numpy_batches(ds))

@@ -46,8 +46,7 @@ def config(records, **extra):
 
 
 def trained_steps(workdir):
-    with open(workdir / loop.METRICS_FILE) as f:
-        return [json.loads(line)["step"] for line in f]
+    return [record["step"] for record in loop.read_metrics(workdir)]
 
 
 @pytest.fixture(scope="module")

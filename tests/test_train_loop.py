@@ -42,8 +42,7 @@ def overrides(records, **extra):
 
 
 def read_metrics(workdir):
-    with open(os.path.join(workdir, loop.METRICS_FILE)) as f:
-        records = [json.loads(line) for line in f]
+    records = loop.read_metrics(workdir)
     train = {r["step"]: r for r in records if "loss" in r}
     val = {r["step"]: r for r in records if "val/vtc_loss" in r}
     return train, val

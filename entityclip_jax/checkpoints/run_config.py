@@ -22,7 +22,7 @@ TRAIN_CONFIG = "train_config.json"
 HISTORY = "configs"
 # Dotted-name prefixes of the knobs that leave the run's meaning as it was.
 HARMLESS = ("log.", "eval.", "checkpoint.", "distributed.", "mesh", "sharding.", "model.remat", "profile.",
-            "data.normalize_on_host", "data.val_split")
+            "data.normalize_on_host", "data.val_split", "compilation_cache_dir")
 log = logging.getLogger(__name__)
 
 

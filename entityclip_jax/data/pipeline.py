@@ -125,7 +125,8 @@ def _parse(context_length):
 
 def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, process_index=None,
                  process_count=None, random_crop=False, crop_scale=(0.08, 1.0), shuffle_buffer=4096,
-                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False, ids=None):
+                 normalize_on_host=True, dct_scaling=False, skip_corrupt_shards=False, ids=None,
+                 skip_batches=0):
     """tf.data.Dataset of per-host dict batches (see the module doc).
 
     batch_size: examples per HOST (global batch = batch_size * process_count).
@@ -138,6 +139,9 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
     skip_corrupt_shards: skip missing/truncated shards with a warning instead of failing.
     ids: eval only: just the examples with these ids, found by reading each record's id
       before decoding its image (no padding; the last batch may be smaller).
+    skip_batches: train mode: start after this many batches, as if they had been taken, without
+      decoding their images (a resumed run): their serialized records, and with random_crop their
+      crop seeds, are dropped before the map that decodes.
     """
     import tensorflow as tf  # lazy: heavy; light code paths import this module
     if process_index is None or process_count is None:
@@ -175,11 +179,10 @@ def make_dataset(data_dir, split, *, batch_size, image_size=224, train, seed=0, 
                   .interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 16),
                               num_parallel_calls=autotune))
         ds = ds.shuffle(shuffle_buffer, seed=seed + process_index, reshuffle_each_iteration=True)
-        if random_crop:
+        if random_crop:  # each record paired with its crop seed before the skip, so they stay in step
             seeds = tf.data.Dataset.random(seed=seed + 7919 * process_index).batch(2)
-            ds = tf.data.Dataset.zip(ds, seeds).map(example, num_parallel_calls=autotune)
-        else:
-            ds = ds.map(example, num_parallel_calls=autotune)
+            ds = tf.data.Dataset.zip(ds, seeds)
+        ds = ds.skip(skip_batches * batch_size).map(example, num_parallel_calls=autotune)
         ds = ds.batch(batch_size, drop_remainder=True)
     elif ids is not None:
         ds = tf.data.TFRecordDataset(files)

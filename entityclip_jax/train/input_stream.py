@@ -4,7 +4,8 @@ The order of epoch e is a deterministic function of (seed, e): each epoch reads
 its own tf.data pipeline (data/pipeline.py, train mode) seeded with
 epoch_seed(seed, e) and takes steps_per_epoch batches of it. So the data
 position is just the step: resuming at step s re-creates epoch s // steps_per_epoch
-and skips the s % steps_per_epoch batches already consumed.
+and skips the s % steps_per_epoch batches already consumed, as serialized records
+(make_dataset's skip_batches): a resume late in an epoch decodes none of their images.
 
 device_batches puts the next batches on the devices while a step runs
 (data.prefetch_to_device of them, 0 for none).
@@ -60,8 +61,8 @@ def host_batches(config, image_size, start_step, steps_in_epoch, process_index, 
             image_size=image_size, train=True, seed=epoch_seed(config.seed, epoch),
             process_index=process_index, process_count=process_count, random_crop=config.data.random_crop,
             shuffle_buffer=config.data.shuffle_buffer, normalize_on_host=config.data.normalize_on_host,
-            dct_scaling=config.data.dct_scaling)
-        yield from pipeline.numpy_batches(ds.skip(skip).take(steps_in_epoch - skip),
+            dct_scaling=config.data.dct_scaling, skip_batches=skip)
+        yield from pipeline.numpy_batches(ds.take(steps_in_epoch - skip),
                                           (config.data.dir, config.data.train_split))
         epoch, skip = epoch + 1, 0
 

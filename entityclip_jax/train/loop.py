@@ -37,12 +37,17 @@ from entityclip_jax.config import check_devices, model_from_config, validate_con
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.models.entityclip import abstract_params
 from entityclip_jax.parallel.mesh import make_mesh
-from entityclip_jax.train import chips, distributed, input_stream, lease, optimizer, profiling, setup
+from entityclip_jax.train import chips, compilation_cache, distributed, input_stream, lease, optimizer, profiling, setup
 from entityclip_jax.train.state import create_train_state
 from entityclip_jax.train.validation import Validator
 
 log = logging.getLogger(__name__)
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # on gs://, the folder WORKDIR/metrics/ of pieces: see storage.JsonLines
+
+
+def read_metrics(workdir):
+    """Every line of the run's metrics log, in order: [{"step": int, name: float, ...}] (the one reader)."""
+    return storage.JsonLines(storage.join(workdir, METRICS_FILE)).read()
 
 
 def fetch_metrics(pending):
@@ -67,16 +72,12 @@ class _MetricsLog:
         self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
         self.total_steps, self.global_batch = total_steps, global_batch
         self.path = storage.join(workdir, METRICS_FILE)
-        self.lines = storage.JsonLines(self.path)  # gs:// cannot append: rewritten whole, see storage
-        if self.primary:
-            self._truncate_after(resumed_step)
+        self.lines = storage.JsonLines(self.path)  # gs:// cannot append: a new object per flush, see storage
+        if self.primary:  # a resumed run rewrites the steps after its checkpoint: drop the killed run's lines
+            self.lines.truncate_after(resumed_step)
         self.mark = (time.time(), resumed_step)
         self.flops_per_step = None  # per device, from the compiled step (set once it is compiled)
         self.chip = chips.chip(jax.devices()[0].device_kind)
-
-    def _truncate_after(self, step):
-        """A resumed run rewrites the steps after its checkpoint: drop the killed run's lines for them."""
-        self.lines.keep(lambda record: record["step"] <= step)
 
     def record(self, rows):
         """[(step, metrics)], one line each."""
@@ -175,6 +176,7 @@ def train(config, workdir, allow_config_change=False):
 
 
 def _train(config, workdir, workdir_lease, steps_in_epoch, total_steps, data_checked, allow_config_change):
+    compilation_cache.use(config, workdir)  # before anything compiles, after every check
     mesh = make_mesh(config.mesh)
     checkpointer = run_format.Checkpointer(workdir, config.checkpoint)
     program, state, step = _start(config, workdir, mesh, checkpointer, steps_in_epoch, total_steps, data_checked,
