@@ -21,12 +21,12 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_auto_is_under_the_workdir_on_tpu_and_gpu_and_none_on_cpu():
     for platform in ("tpu", "gpu"):
-        assert compilation_cache.choose("auto", "gs://b/run", platform, 4) == ("gs://b/run/compilation_cache", None)
+        assert compilation_cache.choose("auto", "gs://bucket/run", platform, 4) == ("gs://bucket/run/compilation_cache", None)
         assert compilation_cache.choose("auto", "/w", platform, 8, jax_setting="/env") == ("/env", None)
     assert compilation_cache.choose("auto", "/w", "cpu", 1) == (None, None)
     assert compilation_cache.choose("auto", "/w", "cpu", 1, jax_setting="/env") == ("/env", None)
     assert compilation_cache.choose("", "/w", "tpu", 4, jax_setting="/env") == (None, None)
-    assert compilation_cache.choose("gs://b/cache/", "/w", "tpu", 4) == ("gs://b/cache", None)
+    assert compilation_cache.choose("gs://bucket/cache/", "/w", "tpu", 4) == ("gs://bucket/cache", None)
     assert compilation_cache.choose("/c", "/w", "cpu", 1) == ("/c", None)
 
 
