@@ -216,9 +216,7 @@ def test_tpu_vm_stops_when_training_fails_on_a_healthy_vm(tmp_path):
 
 def test_tpu_vm_resumes_on_the_same_vm_after_exit_status_75(tmp_path):
     """75: the run was stopped early and saved everything (SIGTERM on a VM that stays READY): run it again."""
-    env = {**TPU_ENV, "FAKE_DIR": str(tmp_path), "TMPDIR": str(tmp_path), "POLL_SECONDS": "0",
-           "FAKE_STOPS_EARLY": "1"}
-    result = launch("tpu_vm.sh", env=env, path=fake_gcloud(tmp_path))
+    result = launch("tpu_vm.sh", env=fake_env(tmp_path, FAKE_STOPS_EARLY="1"), path=fake_gcloud(tmp_path))
     assert result.returncode == 0, result.stderr
     calls = [line.split()[3] + (" train" if "entityclip train" in line else "")
              for line in (tmp_path / "calls").read_text().splitlines()]
