@@ -392,16 +392,22 @@ def test_a_file_size_limit_in_write_records_is_one_line(world, tmp_path):
     assert not list(out.rglob("*.tfrecord*"))  # no partial shard left behind
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 16 KiB tmpfs: a disk that fills up (skipped where mounting is not allowed)."""
+def small_disk(tmp_path, size):
+    """A tmpfs of `size` ("16k", "3m") at tmp_path/disk, unmounted afterwards: a disk that fills up
+    (skipped where mounting is not allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """16 KiB: no records file fits."""
+    yield from small_disk(tmp_path, "16k")
 
 
 @pytest.mark.slow  # a file size limit above takes the same path
@@ -509,14 +515,8 @@ def test_a_disk_that_fills_up_during_training_is_one_line(world, tiny_disk_mb):
 
 @pytest.fixture
 def tiny_disk_mb(tmp_path):
-    """A 3 MiB tmpfs: the run files fit, the first checkpoint does not."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """3 MiB: the run files fit, the first checkpoint does not."""
+    yield from small_disk(tmp_path, "3m")
 
 
 @pytest.mark.slow  # starts a training run
