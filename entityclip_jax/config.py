@@ -6,6 +6,7 @@ usually starts from default_config() below, which documents every knob.
 the way ml_collections' config_flags does (the ":b16" part is get_config's arg).
 """
 import difflib
+import functools
 import re
 
 import ml_collections
@@ -164,7 +165,7 @@ def load_config(spec, overrides=()):
     except flags.Error as err:
         raise EntityClipError(f"cannot load config {spec!r} with overrides {list(overrides)}: {err}") from None
     except (KeyError, AttributeError, ValueError, TypeError) as err:
-        unknown = _unknown_override(base, overrides) if isinstance(err, (KeyError, AttributeError)) else None
+        unknown = _unknown_override(base, overrides)
         if unknown:
             raise EntityClipError(unknown) from None
         raise EntityClipError(f"bad config override in {list(overrides)}: {err}; "
@@ -189,13 +190,26 @@ def _describe_code_error(err):
 def _unknown_override(config, overrides):
     """'unknown config key X (did you mean Y?)' for the first override naming no knob of config, or None."""
     known = _key_paths(config)
+    sections = {k.rpartition(".")[0] for k in known}
     for override in overrides:
         key = override[len("--config."):].split("=", 1)[0]
+        whole = next((prefix for prefix in _prefixes(key) if prefix in known and prefix not in sections), None)
+        if whole is not None:  # mesh.data: a key inside a knob that is not a section
+            now = functools.reduce(lambda section, name: section[name], whole.split("."), config)
+            shown = now if isinstance(now, str) else repr(now)
+            shown = f'"{shown}"' if re.search(r"[\s()'\"]", shown) else shown
+            return f"{override}: {whole} is one knob, not a section; set it whole, e.g. --config.{whole}={shown}"
         if key not in known and not any(k.startswith(key + ".") for k in known):
             close = closest_key(key, known)
             hint = f"did you mean --config.{close}?" if close else "see entityclip_jax/config.py for the knobs"
             return f"unknown config key {key!r} in {override}; {hint}"
     return None
+
+
+def _prefixes(key):
+    """mesh.data.x -> mesh, mesh.data: the sections (or knobs) a dotted key passes through."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(1, len(parts))]
 
 
 def closest_key(key, known):

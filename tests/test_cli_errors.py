@@ -151,6 +151,8 @@ ROWS = [
      2, r"did you mean --config\.batch_size\?"),
     ("train override bad value", lambda w, t: train_args(w, t / "r", "--config.batch_size=many"),
      2, r"batch_size"),
+    ("train override inside a knob", lambda w, t: train_args(w, t / "r", "--config.mesh.data=4"),
+     2, r"mesh is one knob, not a section; set it whole, e.g. --config\.mesh="),
     ("train stray argument", lambda w, t: train_args(w, t / "r", "--lr=1"), 2, r"unrecognized argument '--lr=1'"),
     ("train config returns no ConfigDict", lambda w, t: ["train", "--config", str(w["root"] / "int_config.py"),
                                                          "--workdir", str(t / "r")], 2, r"returned a int"),

@@ -38,6 +38,10 @@ BAD = [
     ("--config.optimizer.lerning_rate=1", "did you mean --config.optimizer.learning_rate?"),
     ("--config.mdoel.init=x", "did you mean --config.model.init?"),
     ("--config.optimizer.lr=1", "unknown config key 'optimizer.lr'"),
+    ("--config.mesh.data=4", "--config.mesh.data=4: mesh is one knob, not a section; set it whole, e.g. "
+                             "--config.mesh=\"(('data', -1), ('fsdp', 1))\""),
+    ("--config.model.init.name=x", "model.init is one knob, not a section; set it whole, e.g. "
+                                   "--config.model.init=random:tiny"),
     ("--config.model.init=vit-b-16", "names an architecture, not weights: write --config.model.init=random:vit-b-16"),
 ]
 
