@@ -209,7 +209,13 @@ ROWS = [
     ("search index garbage", lambda w, t: ["search", "--checkpoint", str(w["hf"]),
                                            "--index", str(w["root"] / "garbage.json"), "--query", "x"],
      2, r"garbage.json"),
+    ("search index cut short", lambda w, t: ["search", "--checkpoint", str(w["hf"]), "--index", cut_zip(t / "i.npz"),
+                                             "--query", "x"], 2, r"i.npz is not a search index"),
+    ("search empty query", lambda w, t: ["search", "--checkpoint", str(w["hf"]), "--index", str(t / "none.npz"),
+                                         "--query", "x", "--query", "  "], 2, r"--query number 2 is empty"),
     ("compare results missing", lambda w, t: ["compare", str(t / "a"), str(t / "b")], 2, r"/a"),
+    ("compare details cut short", lambda w, t: ["compare", cut_results(t / "a"), cut_results(t / "b")],
+     2, r"retrieval_details.npz is damaged"),
     ("serve index missing", lambda w, t: ["serve", "--index", str(t / "none.npz"), "--checkpoint", str(w["hf"])],
      2, r"none.npz does not exist"),
     ("serve on every interface", lambda w, t: ["serve", "--index", str(t / "none.npz"), "--checkpoint", str(w["hf"]),
@@ -286,6 +292,20 @@ def write_records(world, out, *extra):
         else:
             argv += [flag, value]
     return argv
+
+
+def cut_zip(target):
+    """An .npz cut short: a zip file's first bytes, then nothing it promised."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"PK\x03\x04" + bytes(60))
+    return str(target)
+
+
+def cut_results(results):
+    """An `entityclip eval --report` output whose details file was cut short."""
+    cut_zip(results / "retrieval_details.npz")
+    (results / "retrieval.json").write_text("{}")
+    return str(results)
 
 
 def broken_run(world, tmp_path, name, delete=False):

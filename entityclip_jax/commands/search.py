@@ -76,6 +76,10 @@ def configure_search(parser):
 
 
 def run_search(args):
+    empty = [number for number, query in enumerate(args.query, start=1) if not query.strip()]
+    if empty:  # an empty text still encodes: its "hits" would look like an answer
+        raise EntityClipError(f"--query number {empty[0]} is empty; pass the words to search for, "
+                              "e.g. --query \"Queen Elizabeth II waves outside Buckingham Palace\"")
     index = load_index(args.index)
     model, params, config = _load(args.checkpoint)
     tokenizer = _tokenizer(args.tokenizer, args.checkpoint)

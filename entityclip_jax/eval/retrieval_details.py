@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import zipfile
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def load_results(results_dir):
                 image_ids=data["image_ids"], text_ids=data["text_ids"], texts=data["texts"],
                 text_image=data["text_image"], records=str(data["records"]), thumbnails=thumbnails,
                 ranks={f"{d}_{f}": data[f"{d}_{f}"] for d in DIRECTIONS for f in _PER_DIRECTION})
-    except (KeyError, ValueError, OSError) as err:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # cut short, not an .npz
         raise EntityClipError(f"{where / DETAILS_FILE} is damaged or not written by `entityclip eval --report` "
                               f"({err}); run the evaluation again")
     return metrics, details

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import textwrap
+import zipfile
 
 import jax
 import numpy as np
@@ -100,7 +101,7 @@ def load_index(path):
             return SearchIndex(embeds=data["embeds"], paths=data["paths"], ids=data["ids"],
                                fingerprint=str(data["fingerprint"]), source=json.loads(str(data["source"])),
                                **captions)
-    except (KeyError, ValueError, OSError, EOFError) as err:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # cut short, not an .npz
         raise EntityClipError(f"{path} is not a search index ({err}); rebuild it with `entityclip search-index`") from None
 
 
