@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -200,7 +201,9 @@ def test_end_to_end_jsonl_to_records_to_pipeline(tmp_path, tokenizer_dir, tokeni
     # ("broken", the second "p0") loses its note: the notes and the summary count written records.
     noted = sorted(n["id"] for n in train["skipped"]["notes"])
     assert noted == sorted(set(good_ids) - {"p1"})
-    assert "skipped 3 " in summary and f"empty explanations {len(good_ids) - 1}" in summary, summary
+    reasons = re.search(r"skipped 3 \((.*?)\); ", summary).group(1).split(", ")
+    assert sorted(reasons) == ["corrupt_image 1", "duplicate_id 1", "missing_image 1"], summary
+    assert f"empty explanations {len(good_ids) - 1}" in summary, summary
 
     ds = make_dataset(out, "train", batch_size=2, image_size=32, train=False, process_index=0, process_count=1)
     batches = list(numpy_batches(ds))

@@ -87,8 +87,9 @@ def run_write_records(args):
                         max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers,
                         source=args.source)
     skipped = entry["skipped"]
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped["by_reason"].items())
     print(f"wrote {entry['num_examples']} {args.split} examples in {len(entry['shards'])} shards to {args.out}; "
-          f"skipped {skipped['skipped']} {skipped['by_reason'] or ''}; "
+          f"skipped {skipped['skipped']}{f' ({reasons})' if reasons else ''}; "
           f"empty explanations {skipped.get('notes_by_reason', {}).get('empty_explanation', 0)}")
     return 0
 
