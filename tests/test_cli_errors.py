@@ -173,6 +173,10 @@ ROWS = [
     ("train workdir bucket too short", lambda w, t: train_args(w, "gs://ab/run1"),
      2, r"'ab' is not a valid Cloud Storage bucket name \(it must have 3 to 63"),
     ("train workdir is a file", lambda w, t: train_args(w, w["root"] / "a_file"), 2, r"a_file"),
+    ("train workdir is the records", lambda w, t: train_args(w, w["records"]),
+     2, r"holds files no training run writes \(dataset_info.json, .*give a new or empty --workdir"),
+    ("train workdir is a Hugging Face export", lambda w, t: train_args(w, w["hf"]),
+     2, r"holds files no training run writes \(config.json"),
     ("train data missing", lambda w, t: ["train", "--config", CONFIG, "--workdir", str(t / "r"),
                                          f"--config.data.dir={t / 'none'}"], 2, r"none"),
     ("train data is not records", lambda w, t: ["train", "--config", CONFIG, "--workdir", str(t / "r"),
@@ -484,9 +488,17 @@ def test_export_of_a_run_with_a_small_tokenizer(world, tmp_path, capfd):
 def start_training(world, workdir, *extra):
     argv = train_args(world, workdir, "--config.num_train_steps=400", "--config.checkpoint.every_steps=2",
                       "--config.eval.every_steps=0", "--config.log.every_steps=1", *extra)
-    return subprocess.Popen([sys.executable, "-m", "entityclip_jax.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+    # Started as from a terminal: pytest run as a background job (`cmd &`, nohup) has SIGINT
+    # ignored and would hand that to the child, whose Python then installs no KeyboardInterrupt
+    # handler: a Ctrl-C before train's own handler would be lost. A signal caught here is reset
+    # to its default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "entityclip_jax.cli", *argv], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(path, process, timeout=600):

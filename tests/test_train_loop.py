@@ -221,3 +221,24 @@ def test_release_configs(spec, init, lr):
 def test_missing_config_file_is_refused(tmp_path):
     with pytest.raises(EntityClipError, match="does not exist"):
         load_config(str(tmp_path / "nope.py"))
+
+
+def test_a_new_run_starts_only_where_nothing_but_a_run_was_written(tmp_path):
+    """A run's files must not land among someone else's (records, an export, towers) and replace
+    theirs; a run that stopped before its first checkpoint, or one with a config, is ours."""
+    assert loop._check_workdir_is_a_run(str(tmp_path / "new")) is None  # missing: created later
+    started = tmp_path / "started"  # stopped before its first checkpoint: the lease, run files, events
+    (started / "configs").mkdir(parents=True)
+    for name in ("train_lease.json", "towers_config.json", "run_tokenizer.json", "events.out.tfevents.1.vm",
+                 ".nfs0001", "metrics.jsonl"):
+        (started / name).write_text("{}")
+    assert loop._check_workdir_is_a_run(str(started)) is None
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("config.json", "model.safetensors", "run_tokenizer.json"):
+        (export / name).write_text("{}")
+    with pytest.raises(EntityClipError, match=r"holds files no training run writes \(config.json, "
+                                              r"model.safetensors\) and no train_config.json"):
+        loop._check_workdir_is_a_run(str(export))
+    (export / "train_config.json").write_text("{}")  # a run of ours, with the user's notes beside it
+    assert loop._check_workdir_is_a_run(str(export)) is None

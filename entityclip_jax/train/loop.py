@@ -121,6 +121,30 @@ class _MetricsLog:
             self.lines.close()
 
 
+def _names_a_run_writes():
+    return {run_format.CHECKPOINTS, run_format.DAMAGED, run_format.TOWERS_CONFIG, run_config.TRAIN_CONFIG,
+            run_config.HISTORY, run_tokenizer.RUN_TOKENIZER, lease.LEASE_FILE, METRICS_FILE,
+            storage.JsonLines(METRICS_FILE).pieces.name, compilation_cache.WORKDIR_CACHE, profiling.PROFILE_DIR}
+
+
+def _check_workdir_is_a_run(workdir):
+    """A new run starts only in a workdir that is missing, empty or holds nothing but what a run
+    writes (a run that stopped before its first checkpoint). Its files would otherwise land among
+    someone else's (records, a Hugging Face export, a towers directory) and replace theirs
+    (run_tokenizer.json, towers_config.json), and those would be read as the run's."""
+    where = storage.path(workdir)
+    if not where.is_dir() or (where / run_config.TRAIN_CONFIG).exists():
+        return  # missing (a file is refused when the lease is taken), or a run of ours: resume
+    ours = _names_a_run_writes()
+    foreign = [name for name in storage.listdir(workdir) if not name.startswith(".")
+               and name not in ours and not name.startswith("events.out.tfevents.")]
+    if foreign:
+        raise EntityClipError(f"--workdir {workdir} holds files no training run writes ({', '.join(foreign[:4])}"
+                              f"{', ...' if len(foreign) > 4 else ''}) and no {run_config.TRAIN_CONFIG}: it is not "
+                              "a run to resume; give a new or empty --workdir (records, exports and towers "
+                              "directories are read with --config.data.dir and --config.model.init)")
+
+
 def _check_data_fits(config, workdir):
     """True once the records are known to fit the towers (and, on resume, to be the run's), before
     anything is written: the architecture comes from the workdir, else from model.init's config
@@ -167,6 +191,7 @@ def train(config, workdir, allow_config_change=False):
     distributed.initialize(config.distributed, os.environ)  # before JAX's backend starts (device count)
     check_devices(config, jax.device_count())
     workdir = storage.absolute(workdir)
+    _check_workdir_is_a_run(workdir)
     steps_in_epoch = input_stream.steps_per_epoch(config, jax.process_count())
     total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_in_epoch
     optimizer.learning_rate_schedule(config.optimizer, total_steps)  # refuses a warmup as long as the run, now
