@@ -426,6 +426,20 @@ def write_object_if(p, data, generation):
         return blob.generation
 
 
+def process_is_running(pid):
+    """Whether process `pid` of this machine (and pid namespace) still runs: what tells a lease or
+    a half-built export of a dead writer from one whose writer is busy. Only a process the kernel
+    says is gone is not running: another user's (EPERM), or a pid that cannot be told (a hand-edited
+    file), counts as running, so nothing live is ever taken over."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, ValueError, OverflowError):
+        return True
+    return True
+
+
 def lock_file(p):
     """A local file p (created if missing) opened and held with an exclusive flock, or None when
     another process holds it. The kernel releases the lock when the file is closed or its

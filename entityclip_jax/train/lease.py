@@ -140,7 +140,7 @@ class WorkdirLease:
         if not isinstance(owner, dict) or owner.get("released"):
             return False
         if owner.get("process_space") and owner["process_space"] == self.me["process_space"] \
-                and not _running(owner.get("pid")):
+                and not storage.process_is_running(owner.get("pid")):
             return False  # its process died on this machine: no need to wait for staleness
         try:
             return now - float(owner.get("renewed", 0)) < self.stale_seconds
@@ -204,16 +204,6 @@ def _process_space():
         return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return None
-
-
-def _running(pid):
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, TypeError, ValueError):  # another user's process (EPERM): it runs
-        return True
-    return True
 
 
 def _parse(text):

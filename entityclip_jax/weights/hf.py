@@ -200,13 +200,7 @@ def _abandoned(tmp, out_dir):
         return False
     if partial.get("host") != socket.gethostname():
         return False  # its writer may live on another machine
-    try:
-        os.kill(int(partial["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, KeyError, TypeError, ValueError):
-        return False
-    return False  # that process still runs (an export to the same place right now)
+    return "pid" in partial and not storage.process_is_running(partial["pid"])  # alive: an export there right now
 
 
 def check_export_destination(out_dir, overwrite=False, protect=()):
