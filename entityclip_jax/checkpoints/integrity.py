@@ -11,6 +11,7 @@ pattern and w_i an odd weight derived from its position: an integer sum is exact
 so every mesh (or one CPU) that holds the array computes the same number, and a flipped bit
 (w_i odd) or two swapped elements always change it.
 """
+import logging
 import re
 import sys
 
@@ -128,14 +129,25 @@ def _orphaned_callback(unraisable):
     return False
 
 
+class _OrphanedTaskFilter(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for an Orbax read or write task: when one
+    write of a step fails (a full disk), Orbax raises that one and the others, failing the same way
+    after it, are never awaited; asyncio logs each with its traceback when the task is collected."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
 _previous_unraisablehook = None
 
 
 def ignore_orphaned_callbacks():
     """Called before this package reads or writes steps: the reads and writes a failed one leaves in
-    flight end without a word. Each would otherwise print an 'Event loop is closed' traceback (through
-    sys.unraisablehook, the public hook for errors nobody can catch) around the one-line report of the
-    failure; every other error still reaches the hook that was there before. Installed once per process."""
+    flight end without a word. Each would otherwise print a traceback around the one-line report of
+    the failure: 'Event loop is closed' (through sys.unraisablehook, the public hook for errors nobody
+    can catch) or 'Task exception was never retrieved' (through the asyncio logger); every other error
+    still reaches the hook that was there before, and the logger. Installed once per process."""
     global _previous_unraisablehook
     if _previous_unraisablehook is not None:
         return
@@ -145,3 +157,4 @@ def ignore_orphaned_callbacks():
         if not _orphaned_callback(unraisable):
             _previous_unraisablehook(unraisable)
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrphanedTaskFilter())
