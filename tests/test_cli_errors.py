@@ -31,6 +31,7 @@ from entityclip_jax.config import load_config
 from entityclip_jax.errors import EXIT_REFUSED
 from entityclip_jax.parallel.mesh import make_mesh
 from entityclip_jax.train import input_stream
+from tests._child_process import child_env
 from tests._tiny_training import build_state, write_tiny_records
 from tests.conftest import tiny_hf_clip
 from tests.test_checkpoint_integrity import flip
@@ -64,9 +65,8 @@ def run_in_process(argv, capfd):
 
 
 def run_subprocess(argv, *, prefix=(), env=None, timeout=180):
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **(env or {})}
     done = subprocess.run([*prefix, sys.executable, "-m", "entityclip_jax.cli", *argv], capture_output=True,
-                          text=True, timeout=timeout, env=environment)
+                          text=True, timeout=timeout, env=child_env(**(env or {})))
     return done.returncode, done.stdout, done.stderr
 
 
@@ -495,8 +495,7 @@ def start_training(world, workdir, *extra):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return subprocess.Popen([sys.executable, "-m", "entityclip_jax.cli", *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+                                stderr=subprocess.PIPE, text=True, env=child_env())
     finally:
         signal.signal(signal.SIGINT, previous)
 

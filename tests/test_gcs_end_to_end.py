@@ -18,6 +18,7 @@ from entityclip_jax.checkpoints.run import TOWERS_CONFIG
 from entityclip_jax.checkpoints.run_config import TRAIN_CONFIG
 from entityclip_jax.checkpoints.run_tokenizer import RUN_TOKENIZER
 from tests import gcs_emulator
+from tests._child_process import child_env
 from tests._raw_layouts import write_tiny_clip_tokenizer
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -34,7 +35,7 @@ def emulator(tmp_path_factory):
 
 
 def _env(emulator):
-    return {**os.environ, **emulator.env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    return child_env(**emulator.env)
 
 
 def _entityclip(emulator, *argv, timeout=240):
