@@ -1,7 +1,6 @@
 # Two entry points: `make demo` runs the main job on the embedded default,
 # `make test` runs the test suite (CI: .ci/run). Both create .venv on a fresh machine.
-# `make test-fast` leaves out the tests marked slow and runs the rest on every core (pytest-xdist,
-# one file per worker so each file's fixtures are built once): a loop of about 2 minutes on 2 cores.
+# `make test-fast` leaves out the tests marked slow: a loop of about 2 minutes on 2 cores.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -43,12 +42,22 @@ browser:
 			|| echo "could not install chromium: the browser tests skip (and fail under CI)"; \
 	fi
 
-# pytest exits 5 when it collects no tests: not a failure here.
+# pytest on every core (pytest-xdist; one file per worker, so a file's fixtures are built once), then
+# the tests marked `serial` alone: their JAX processes wait on each other's collectives and
+# heartbeats. pytest exits 5 when it collects no tests: not a failure here.
+PYTEST := $(BIN)/python -m pytest -q
+define pytest_status
+rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; [ $$rc -eq 0 ] || status=$$rc
+endef
+
 test: $(STAMP) $(PLAN_STAMP) browser
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	status=0; \
+	$(PYTEST) -m "not serial" -n auto --dist loadfile tests; $(pytest_status); \
+	$(PYTEST) -m serial tests; $(pytest_status); \
+	exit $$status
 
 test-fast: $(STAMP) $(PLAN_STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n auto --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	status=0; $(PYTEST) -m "not slow" -n auto --dist loadfile tests; $(pytest_status); exit $$status
 
 clean:
 	rm -rf $(VENV) demo_out
