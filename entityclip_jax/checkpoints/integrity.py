@@ -12,6 +12,7 @@ so every mesh (or one CPU) that holds the array computes the same number, and a 
 (w_i odd) or two swapped elements always change it.
 """
 import logging
+import os
 import re
 import sys
 
@@ -130,13 +131,20 @@ def _orphaned_callback(unraisable):
 
 
 class _OrphanedTaskFilter(logging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' for an Orbax read or write task: when one
-    write of a step fails (a full disk), Orbax raises that one and the others, failing the same way
-    after it, are never awaited; asyncio logs each with its traceback when the task is collected."""
+    """Drops asyncio's '... exception was never retrieved' (of a Task, a Future or a gather) for an
+    error raised in Orbax: when one write of a step fails (a full disk), Orbax raises that one and
+    the others, failing the same way after it, are never awaited; asyncio logs each with its
+    traceback when it is collected."""
 
     def filter(self, record):
-        message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        if " exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
+            return True
+        trace = record.exc_info[2] if record.exc_info else None
+        while trace is not None:
+            if f"{os.sep}orbax{os.sep}" in trace.tb_frame.f_code.co_filename:
+                return False
+            trace = trace.tb_next
+        return True
 
 
 _previous_unraisablehook = None
