@@ -14,6 +14,7 @@ import pytest
 
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import compilation_cache
+from tests._child_process import child_env
 from tests._tiny_training import tiny_config, write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -72,8 +73,7 @@ def test_a_resumed_run_loads_its_step_from_the_cache(tmp_path):
               "eval.every_steps": 0, "compilation_cache_dir": str(cache)}
     command = [sys.executable, "-c", COUNT_HITS, "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"),
                "--workdir", str(workdir), *[f"--config.{key}={value}" for key, value in values.items()]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = child_env()  # one CPU device: where the cache is used
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     with open(tmp_path / "first.out", "w") as out, open(tmp_path / "first.err", "w") as err:
         first = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)

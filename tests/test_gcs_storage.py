@@ -16,6 +16,7 @@ from entityclip_jax import storage
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.data.explanation_cache import CacheWriter
 from tests import gcs_emulator
+from tests._child_process import child_env
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -84,7 +85,7 @@ def test_storage_on_the_emulator(tmp_path):
     with gcs_emulator.running(tmp_path) as emulator:
         emulator.make_bucket("unit")
         done = subprocess.run([sys.executable, "-c", ON_GCS, "gs://unit/r", str(tmp_path)], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT)})
+                              text=True, timeout=120, env=child_env(**emulator.env))
         assert done.returncode == 0, done.stderr[-3000:]
         result = json.loads(done.stdout.splitlines()[-1])
         objects = sorted(emulator.objects("unit"))
@@ -124,7 +125,7 @@ def test_metrics_on_gcs_upload_each_line_once_and_a_resume_drops_the_later_lines
         for intervals in (2, 8):
             done = subprocess.run([sys.executable, "-c", METRICS_ON_GCS, f"gs://metrics/run{intervals}",
                                    str(intervals)], capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT)})
+                                  env=child_env(**emulator.env))
             assert done.returncode == 0, done.stderr[-3000:]
             lines[intervals] = json.loads(done.stdout.splitlines()[-1])
         uploads = {n: emulator.uploads("metrics", f"run{n}/") for n in lines}
@@ -173,8 +174,7 @@ def gcs(tmp_path_factory):
 
 def _on_gcs(emulator, script, *argv):
     done = subprocess.run([sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT),
-                                            "JAX_PLATFORMS": "cpu"})
+                          timeout=180, env=child_env(**emulator.env))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads(done.stdout.splitlines()[-1])
 

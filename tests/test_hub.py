@@ -20,6 +20,7 @@ from entityclip_jax.checkpoints.towers import load_towers
 from entityclip_jax.config import random_preset
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.hub import resolve_checkpoint
+from tests._child_process import child_env
 from tests._tiny_training import tiny_config
 from tests.conftest import tiny_hf_clip
 
@@ -121,7 +122,7 @@ def test_import_hf_and_export_hf_by_hub_id(offline_hub, tmp_path, capsys):
 
 def test_import_hf_honours_hf_home_in_a_fresh_process(hf_home, tmp_path):
     home, embeddings = hf_home
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    env = child_env(HF_HOME=str(home), HF_HUB_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     out = tmp_path / "towers"
     run = subprocess.run([sys.executable, "-m", "entityclip_jax.cli", "import-hf", f"{REPO}@v2", str(out)],

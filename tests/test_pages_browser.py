@@ -21,6 +21,7 @@ import pytest
 
 from entityclip_jax.cli import main as cli
 from entityclip_jax.eval.retrieval_details import load_results
+from tests._child_process import child_env
 from tests._tiny_training import write_tiny_records
 
 pytestmark = pytest.mark.slow
@@ -188,8 +189,7 @@ def server(site):
     """`entityclip serve` on the index, in its own process, on a free loopback port."""
     command = [sys.executable, "-m", "entityclip_jax.cli", "serve", "--index", str(site / "index.npz"),
                "--checkpoint", str(site / "entityclip"), "--tokenizer", str(site / "tokenizer"), "--port", "0"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()

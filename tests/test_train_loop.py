@@ -22,6 +22,7 @@ from entityclip_jax.checkpoints import run as ckpt
 from entityclip_jax.parallel import sharding
 from entityclip_jax.parallel.mesh import make_mesh
 from entityclip_jax.train import chips, input_stream, loop, setup
+from tests._child_process import child_env
 from tests._tiny_training import write_tiny_records
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -108,7 +109,7 @@ def test_mfu_is_the_achieved_flops_over_the_chips_peak(tmp_path):
 def test_resume_after_sigkill_matches_the_uninterrupted_run(records, reference_run, tmp_path):
     reference_dir, _ = reference_run
     workdir = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = child_env(devices=8)  # as the in-process reference run
     # Validation never touches the train state or the data order: leave it out here to save time.
     command = [sys.executable, "-m", "entityclip_jax.cli", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"),
                "--workdir", str(workdir), *overrides(records, **{"eval.every_steps": 0})]

@@ -15,6 +15,7 @@ from entityclip_jax import cli
 from entityclip_jax.errors import EntityClipError
 from entityclip_jax.train import lease, loop
 from tests import gcs_emulator
+from tests._child_process import child_env
 
 ROOT = pathlib.Path(__file__).parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.py")
@@ -41,7 +42,7 @@ time.sleep(600)
 
 def test_a_killed_owner_does_not_block_the_rerun(tmp_path):
     owner = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             env=child_env())
     try:
         assert owner.stdout.readline().strip() == "held"
         with pytest.raises(EntityClipError, match=f"pid {owner.pid},"):
@@ -164,7 +165,7 @@ def test_lease_on_the_gcs_emulator(tmp_path):
     with gcs_emulator.running(tmp_path) as emulator:
         emulator.make_bucket("leases")
         done = subprocess.run([sys.executable, "-c", ON_GCS, "gs://leases/run1"], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, **emulator.env, "PYTHONPATH": str(ROOT)})
+                              timeout=120, env=child_env(**emulator.env))
         assert done.returncode == 0, done.stderr[-3000:]
         objects = emulator.objects("leases")
     out = json.loads(done.stdout.splitlines()[-1])

@@ -16,6 +16,7 @@ from entityclip_jax import cli
 from entityclip_jax.data import records
 from entityclip_jax.data.example import RawExample, SkipReport
 from entityclip_jax.data.tokenizer import load_tokenizer
+from tests._child_process import child_env
 from tests._raw_layouts import write_tiny_clip_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -149,7 +150,7 @@ def test_kill_9_of_write_records_leaves_no_workers(tmp_path, tokenizer_dir):
     proc = subprocess.Popen([sys.executable, "-m", "entityclip_jax.cli", "write-records", "--source", "jsonl",
                              "--root", str(root), "--split", "train", "--tokenizer", tokenizer_dir, "--out",
                              str(tmp_path / "rec"), "--workers", "2", "--max-side", "64"],
-                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            cwd=ROOT, env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
