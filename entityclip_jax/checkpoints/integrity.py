@@ -154,7 +154,7 @@ def ignore_orphaned_callbacks():
     """Called before this package reads or writes steps: the reads and writes a failed one leaves in
     flight end without a word. Each would otherwise print a traceback around the one-line report of
     the failure: 'Event loop is closed' (through sys.unraisablehook, the public hook for errors nobody
-    can catch) or 'Task exception was never retrieved' (through the asyncio logger); every other error
+    can catch) or '... exception was never retrieved' (through the asyncio logger); every other error
     still reaches the hook that was there before, and the logger. Installed once per process."""
     global _previous_unraisablehook
     if _previous_unraisablehook is not None:
