@@ -29,6 +29,13 @@ from tests._tiny_training import tiny_config
 
 STEPS = (1, 2, 3)
 
+# Orbax's reads still in flight when one fails end in an exception nobody can catch; the CLI's hook
+# silences them (ignore_orphaned_callbacks, checked on a real stderr in test_cli_errors), but pytest
+# puts its own hook in place of ours and would print each as a page of TensorStore spec, under
+# whichever of this file's tests is running when it is collected.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put:pytest.PytestUnraisableExceptionWarning")
+
 
 def small_state(mesh):
     """(TrainState, its abstract target) of a few arrays under the names the checks report:
@@ -143,11 +150,6 @@ DAMAGE = {
 }
 
 
-# Orbax's reads still in flight when one fails end in an exception nobody can catch; the CLI's hook
-# silences them (ignore_orphaned_callbacks, checked on a real stderr in test_cli_errors), but pytest
-# puts its own hook in place of ours and would print each as a page of TensorStore spec.
-@pytest.mark.filterwarnings("ignore:Exception ignored in. <coroutine object _read_array_index_and_device_put"
-                            ":pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_resume_falls_back_to_the_step_before_a_damaged_one(run, damage, caplog):
     workdir, config, states = run
